@@ -24,7 +24,7 @@ from jaxtyping import Array, Float, Int
 
 from internlm_jax.config import ModelConfig
 from internlm_jax.layers import apply_rope, attention_mask, linear, reference_attention, rms_norm, rope_tables
-from internlm_jax.sharding import constrain
+from internlm_jax.sharding import active_mesh, constrain
 
 Params = dict[str, Any]
 Cache = dict[str, jax.Array]
@@ -98,7 +98,14 @@ def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None)
     }
 
 
-def _attention(q, k, v, mask, config: ModelConfig, segment_ids, by_position: bool):
+def _attention(q, k, v, mask, config: ModelConfig, segment_ids, by_position: bool, positions=None):
+    mesh = active_mesh()
+    if not by_position and mesh is not None and mesh.shape.get("sequence", 1) > 1:
+        # Long context: the sequence is sharded; all-gather K/V and attend blockwise (causal by position and
+        # segment, so a zigzag-permuted sequence is fine).
+        from internlm_jax.seq_parallel import sequence_parallel_attention
+
+        return sequence_parallel_attention(q, k, v, positions, segment_ids, mesh=mesh)
     impl = config.attention_impl
     if impl == "auto":
         impl = "pallas" if jax.default_backend() in ("tpu", "gpu") else "reference"
@@ -123,7 +130,7 @@ def _layer(config: ModelConfig, x, lp, cos, sin, q_pos, q_seg, layer_cache, cach
 
     if layer_cache is None:
         mask = attention_mask(q_pos, q_pos, q_seg, q_seg, by_position=False)
-        attn = _attention(q, k, v, mask, config, q_seg, by_position=False)
+        attn = _attention(q, k, v, mask, config, q_seg, by_position=False, positions=q_pos)
         new_cache = None
     else:
         ck, cv = layer_cache
@@ -161,9 +168,15 @@ def forward(params: Params, tokens: Int[Array, "B T"], positions: Int[Array, "B 
     positions: per-token positions (restart per segment when packed; -1 marks padding written to a cache).
     segment_ids: packed documents; attention stays within equal ids (training/eval, no cache).
     cache: from `init_cache`; the new tokens are written at cache["index"] and attend to every filled slot
-    whose position is <= theirs. With return_hidden, the final-norm hidden states [B, T, D] are returned
-    instead of logits (for chunked losses and value heads).
+    whose position is <= theirs. A `PagedCache` (internlm_jax.engine) instead runs the paged path: the
+    tokens' K/V go into the pages of cache.page_table after cache.lengths (positions -1 = padding).
+    With return_hidden, the final-norm hidden states [B, T, D] are returned instead of logits (for chunked
+    losses and value heads).
     """
+    if cache is not None and not isinstance(cache, dict):  # a paged cache (internlm_jax.engine.PagedCache)
+        from internlm_jax.engine.paged_model import paged_forward
+
+        return paged_forward(params, tokens, positions, config=config, cache=cache, return_hidden=return_hidden)
     B, T = tokens.shape
     dtype = jnp.dtype(config.dtype)
     if positions is None:

@@ -102,6 +102,11 @@ class ModelConfig:
         if hf.get("tie_word_embeddings", False):
             raise ConfigError("config.json has tie_word_embeddings=true; InternLM2 uses an untied output head")
         n = hf["num_attention_heads"]
+        rp = hf.get("rope_parameters")
+        if isinstance(rp, dict):  # transformers >= 5 writes {"rope_type", "factor", "rope_theta"} here
+            hf = {**hf, "rope_theta": rp.get("rope_theta", hf.get("rope_theta", 10000.0))}
+            if hf.get("rope_scaling") is None and rp.get("rope_type", rp.get("type", "default")) != "default":
+                hf["rope_scaling"] = rp
         theta = float(hf.get("rope_theta", 10000.0))
         scaling = _parse_rope_scaling(hf)
         old_rotary = hf.get("rotary")

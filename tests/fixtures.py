@@ -7,15 +7,17 @@ special_tokens_map.json). Other helpers import it; keep its signature stable.
 
 from __future__ import annotations
 
-import io
-import json
 import os
 import random
 
-# The chat special tokens in the order of their ids in the release (92538..92543 there; the last 6 ids here).
-CHAT_SPECIAL_TOKENS = ("<|plugin|>", "<|interpreter|>", "<|action_end|>", "<|action_start|>", "<|im_end|>",
-                       "<|im_start|>")
-RAW_SPECIAL_PIECES = tuple(f"[UNUSED_TOKEN_{i}]" for i in range(141, 147))
+from internlm_jax.tokenizer_train import (  # noqa: F401
+    CHAT_SPECIAL_TOKENS,
+    RAW_SPECIAL_PIECES,
+    tokenizer_config,
+    train_model_proto,
+    write_tokenizer_dir,
+)
+
 MIN_VOCAB_SIZE = 512  # 3 control + 256 byte pieces + 6 chat pieces + the corpus characters
 MAX_VOCAB_SIZE = 6144  # the synthetic corpus runs out of BPE merges a little above this
 
@@ -99,81 +101,15 @@ def _train_model(vocab_size: int) -> bytes:
     """Train (once per vocab size) and return the serialized model proto with the chat pieces at the end."""
     if vocab_size in _MODEL_CACHE:
         return _MODEL_CACHE[vocab_size]
-    import sentencepiece as spm
-    from sentencepiece import sentencepiece_model_pb2 as pb  # needs protobuf, a dependency of orbax
-
-    # Small vocabularies cannot hold every character of the corpus as a piece: lower the character
-    # coverage, then the number of distinct Chinese characters, until they fit (rare characters fall back
-    # to byte pieces, which the tests want anyway).
-    attempts = [(c, len(_ZH_CHARS)) for c in (0.9995, 0.995, 0.98)] + [(0.98, k) for k in (200, 100, 50, 20)]
-    for coverage, zh_chars in attempts:
-        buf = io.BytesIO()
+    # Small vocabularies cannot hold every character of the corpus as a piece: lower the number of distinct
+    # Chinese characters until they fit (rare characters fall back to byte pieces, which the tests want).
+    for zh_chars in (len(_ZH_CHARS), 200, 100, 50, 20):
         try:
-            spm.SentencePieceTrainer.train(
-                sentence_iterator=iter(_corpus(zh_chars=zh_chars)), model_writer=buf, model_type="bpe",
-                vocab_size=vocab_size - len(RAW_SPECIAL_PIECES),
-                # InternLM2's settings: keep text exactly as written (identity normalizer, no dummy prefix,
-                # no whitespace squeezing), digits always single pieces, unseen characters as byte pieces.
-                byte_fallback=True, add_dummy_prefix=False, normalization_rule_name="identity",
-                remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True,
-                character_coverage=coverage, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1,
-                minloglevel=2)
-            break
-        except RuntimeError as err:
-            if "required_chars" not in str(err):
-                raise
-    else:
-        raise ValueError(f"vocab_size {vocab_size} is too small for the fixture corpus; use >= "
-                         f"{MIN_VOCAB_SIZE}")
-    proto = pb.ModelProto()
-    proto.ParseFromString(buf.getvalue())
-    # Sentencepiece puts user_defined_symbols right after the control pieces; the release has its chat
-    # pieces at the very end, so append them there as USER_DEFINED pieces (matched whole, never merged).
-    for piece in RAW_SPECIAL_PIECES:
-        new = proto.pieces.add()
-        new.piece = piece
-        new.score = 0.0
-        new.type = pb.ModelProto.SentencePiece.USER_DEFINED
-    if len(proto.pieces) != vocab_size:
-        raise RuntimeError(f"trained tokenizer has {len(proto.pieces)} pieces, wanted {vocab_size}")
-    _MODEL_CACHE[vocab_size] = proto.SerializeToString()
-    return _MODEL_CACHE[vocab_size]
-
-
-def _token_entry(content: str) -> dict:
-    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
-            "special": True}
-
-
-def tokenizer_config(vocab_size: int, *, chat_tokens: bool = True) -> dict:
-    """An InternLM2-release-shaped tokenizer_config.json for a vocab of `vocab_size` pieces."""
-    decoder = {"0": _token_entry("<unk>"), "1": _token_entry("<s>"), "2": _token_entry("</s>")}
-    if chat_tokens:
-        first = vocab_size - len(CHAT_SPECIAL_TOKENS)
-        for offset, name in enumerate(CHAT_SPECIAL_TOKENS):
-            decoder[str(first + offset)] = _token_entry(name)
-    config = {
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "added_tokens_decoder": decoder,
-        "auto_map": {"AutoTokenizer": ["tokenization_internlm2.InternLM2Tokenizer",
-                                       "tokenization_internlm2_fast.InternLM2TokenizerFast"]},
-        "bos_token": "<s>",
-        "chat_template": ("{{ bos_token }}{% for message in messages %}{{'<|im_start|>' + message['role'] + "
-                          "'\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
-                          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"),
-        "clean_up_tokenization_spaces": False,
-        "decode_with_prefix_space": False,
-        "eos_token": "</s>",
-        "model_max_length": 1000000000000000019884624838656,
-        "pad_token": "</s>",
-        "sp_model_kwargs": None,
-        "tokenizer_class": "InternLM2Tokenizer",
-        "unk_token": "<unk>",
-    }
-    if chat_tokens:
-        config["additional_special_tokens"] = list(reversed(CHAT_SPECIAL_TOKENS))  # release order
-    return config
+            _MODEL_CACHE[vocab_size] = train_model_proto(_corpus(zh_chars=zh_chars), vocab_size)
+            return _MODEL_CACHE[vocab_size]
+        except ValueError:
+            continue
+    raise ValueError(f"vocab_size {vocab_size} is too small for the fixture corpus; use >= {MIN_VOCAB_SIZE}")
 
 
 def make_tokenizer_dir(path: str | os.PathLike, vocab_size: int = 1024, *, chat_tokens: bool = True) -> str:
@@ -188,16 +124,4 @@ def make_tokenizer_dir(path: str | os.PathLike, vocab_size: int = 1024, *, chat_
     if not MIN_VOCAB_SIZE <= vocab_size <= MAX_VOCAB_SIZE:
         raise ValueError(f"vocab_size must be in [{MIN_VOCAB_SIZE}, {MAX_VOCAB_SIZE}] for the fixture corpus "
                          f"(256 byte pieces + specials + its characters; enough merges), got {vocab_size}")
-    path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "tokenizer.model"), "wb") as f:
-        f.write(_train_model(vocab_size))
-    config = tokenizer_config(vocab_size, chat_tokens=chat_tokens)
-    with open(os.path.join(path, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
-    special_map = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"}
-    if chat_tokens:
-        special_map["additional_special_tokens"] = config["additional_special_tokens"]
-    with open(os.path.join(path, "special_tokens_map.json"), "w", encoding="utf-8") as f:
-        json.dump(special_map, f, indent=2)
-    return path
+    return write_tokenizer_dir(path, _train_model(vocab_size), vocab_size, chat_tokens=chat_tokens)

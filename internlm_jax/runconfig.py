@@ -9,6 +9,8 @@ Generic over any dataclass tree, so train, finetune, eval and serve configs shar
 - scalars are type-checked: `steps: ten` is an error, `lr: 3e-4` is accepted although YAML 1.1 reads it as a
   string, an int where a float is expected is widened, a bool is never taken for an int;
 - overrides `key=value` with dotted keys; each value is parsed as a YAML scalar (`true`, `3`, `[1, 2]`, `null`);
+- a dataclass that defines a `from_dict` classmethod parses its own section (after the generic unknown-key
+  check), so it can accept shorthands;
 - a dataclass validates its own field combinations in `__post_init__` (raise ConfigError); the message is
   prefixed with the dotted key of that section;
 - `to_dict` turns a config back into plain YAML/JSON data (for saving beside checkpoints).
@@ -42,13 +44,13 @@ _Loader.add_implicit_resolver(
         |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
         |\.[0-9_]+(?:[eE][-+][0-9]+)?
         |[-+]?\.(?:inf|Inf|INF)
-        |\.(?:nan|NaN|NAN))$""", re.X),
+        |\.(?:nan|NaN|NAN))$""", re.VERBOSE),
     list("-+0123456789."),
 )
 
 
 def parse_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    return yaml.load(text, Loader=_Loader)
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -126,6 +128,13 @@ def from_dict(cls: type[T], data: Mapping[str, Any], where: str = "") -> T:
             hint = f"; did you mean {_join(where, near[0])!r}?" if near else ""
             raise ConfigError(f"unknown config key {_join(where, str(key))!r}{hint} "
                               f"(valid keys here: {', '.join(fields)})")
+    custom = cls.__dict__.get("from_dict")
+    if isinstance(custom, classmethod):  # the class parses itself (shorthands, its own messages)
+        try:
+            return cls.from_dict(dict(data))  # type: ignore[attr-defined]
+        except ConfigError as e:
+            msg = str(e)
+            raise ConfigError(msg if not where or msg.startswith(where) else f"{where}: {msg}") from None
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _convert(hints[name], value, _join(where, name))

@@ -398,6 +398,10 @@ def _own_data_state(saved: Any, pid: int, nproc: int) -> Any:
     if not isinstance(saved, dict) or "per_process" not in saved:
         raise ConfigError("the checkpoint's data item is not a per-process iterator state list")
     states = saved["per_process"]
+    if len(states) != nproc and all(st == states[0] for st in states):
+        # A source whose position is global (every process saved the same state, e.g. a stream that is a
+        # pure function of the step) resumes under any process count.
+        return states[0]
     if len(states) != nproc:
         raise ConfigError(f"the checkpoint was written by {len(states)} processes but this run has {nproc}; the "
                           "data-iterator positions cannot be mapped exactly (resume with the same process count)")

@@ -7,6 +7,9 @@ CPU; "pallas" on CPU runs the kernel in the Pallas interpreter (slow; for tests)
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -16,8 +19,29 @@ from jaxtyping import Array, Float, Int
 IMPLS = ("auto", "reference", "pallas")
 
 
+# Ahead-of-time compilation for another platform (e.g. `internlm-jax plan` for a TPU topology on a CPU host):
+# within `aot_target("tpu")` kernels are chosen and lowered for that platform, never interpreted.
+_AOT_TARGET: contextvars.ContextVar[str | None] = contextvars.ContextVar("ij_aot_target", default=None)
+
+
+@contextlib.contextmanager
+def aot_target(platform: str) -> Iterator[None]:
+    if platform not in ("tpu", "gpu"):
+        raise ValueError(f"aot_target platform must be 'tpu' or 'gpu', got {platform!r}")
+    token = _AOT_TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _AOT_TARGET.reset(token)
+
+
+def _target_kwargs() -> dict[str, Any]:
+    target = _AOT_TARGET.get()
+    return {} if target is None else {"backend": target, "interpret": False}
+
+
 def on_accelerator() -> bool:
-    return jax.default_backend() in ("tpu", "gpu", "cuda")
+    return _AOT_TARGET.get() is not None or jax.default_backend() in ("tpu", "gpu", "cuda")
 
 
 def resolve_impl(impl: str) -> str:
@@ -57,7 +81,8 @@ def flash_attention_dispatch(q: Float[Array, "B T K G H"], k: Float[Array, "B S 
     fn = flash_attention if resolve_impl(impl) == "pallas" else flash_attention_reference
 
     def attend(q, k, v, seg):
-        return fn(q, k, v, segment_ids=seg, causal=True, sliding_window=sliding_window)
+        extra = _target_kwargs() if fn is flash_attention else {}
+        return fn(q, k, v, segment_ids=seg, causal=True, sliding_window=sliding_window, **extra)
 
     qn = ("batch", None, "act_kv_heads", None, None)
     kn = ("batch", None, "act_kv_heads", None)

@@ -106,9 +106,9 @@ def _attention(q, k, v, mask, config: ModelConfig, segment_ids, by_position: boo
         from internlm_jax.seq_parallel import sequence_parallel_attention
 
         return sequence_parallel_attention(q, k, v, positions, segment_ids, mesh=mesh)
-    impl = config.attention_impl
-    if impl == "auto":
-        impl = "pallas" if jax.default_backend() in ("tpu", "gpu") else "reference"
+    from internlm_jax.kernels import resolve_impl
+
+    impl = resolve_impl(config.attention_impl)  # auto: the kernel on TPU/GPU (or an AOT target), else reference
     if impl == "pallas" and not by_position:
         from internlm_jax.kernels import flash_attention_dispatch
 

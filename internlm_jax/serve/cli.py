@@ -1,0 +1,91 @@
+"""`internlm-jax serve`: an OpenAI-compatible HTTP server (a drop-in for `lmdeploy serve api_server`).
+
+    internlm-jax serve --model /ckpt/internlm2-chat-7b --dtype bfloat16 --port 23333 --api-keys sk-1
+    internlm-jax serve --model internlm2-tiny --tokenizer /tmp/tok      # random weights, for testing
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from internlm_jax.config import ConfigError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from internlm_jax.serve.loading import add_model_args
+
+    p = argparse.ArgumentParser(prog="internlm-jax serve", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    g = p.add_argument_group("http")
+    g.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
+    g.add_argument("--port", type=int, default=23333)
+    g.add_argument("--api-keys", nargs="+", default=None,
+                   help="accepted keys (clients send 'Authorization: Bearer <key>'); space or comma separated")
+    g.add_argument("--served-model-name", default=None, help="the model id clients use (default: folder name)")
+    g.add_argument("--cors-origins", default=None, help="comma-separated allowed origins, e.g. '*'")
+    g.add_argument("--max-queue", type=int, default=256,
+                   help="sequences that may wait beyond --max-batch; more get 429")
+    g.add_argument("--max-body-mb", type=float, default=8.0, help="largest accepted request body")
+    g.add_argument("--json-retries", type=int, default=2, help="response_format json_object: extra attempts")
+    g.add_argument("--warmup-scoring", action="store_true",
+                   help="also compile the prompt-logprob forward (echo/logprobs) for every length bucket")
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def _split(values: list[str] | None) -> tuple[str, ...]:
+    out: list[str] = []
+    for v in values or []:
+        out += [x.strip() for x in v.split(",") if x.strip()]
+    return tuple(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger("internlm_jax.serve")
+    from internlm_jax.serve.app import create_app
+    from internlm_jax.serve.backend import Backend, ServeConfig
+    from internlm_jax.serve.loading import build_engine, load_lm
+    from internlm_jax.serve.server import serve_forever
+
+    try:
+        if args.max_queue < 0:
+            raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
+        if args.max_body_mb <= 0:
+            raise ConfigError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+        lm, random_weights = load_lm(args)
+        engine = build_engine(lm, args)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"internlm-jax serve: {e}", file=sys.stderr)
+        return 2
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
+    cfg = ServeConfig(model_name=name, api_keys=_split(args.api_keys), max_queue=args.max_queue,
+                      max_body_bytes=int(args.max_body_mb * (1 << 20)), cors_origins=_split([args.cors_origins] if
+                                                                                          args.cors_origins else []),
+                      json_retries=args.json_retries, random_weights=random_weights)
+    backend = Backend(engine, lm.tokenizer, cfg)
+    if args.warmup_scoring:
+        backend.scorer.warmup()
+        log.info("prompt-logprob forward compiled for %d shapes", backend.scorer.compiles)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_keys:
+        log.warning("listening on %s without --api-keys: anyone who can reach this port can use the model",
+                    args.host)
+    log.info("serving %r on http://%s:%d (web chat at /, OpenAI API at /v1)%s", name, args.host, args.port,
+             " [RANDOM WEIGHTS]" if random_weights else "")
+    try:
+        serve_forever(create_app(backend), args.host, args.port, args.log_level)
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled once it has shut down
+        pass
+    finally:
+        engine.shutdown()
+    log.info("server stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Model + tokenizer + Engine from command-line options (shared by `serve`, `chat` and `bench serve`).
+
+`--model` is an InternLM2 HF folder, an internlm-jax orbax checkpoint, an int4 checkpoint written by
+`internlm-jax quantize`, or a preset name (random weights: for testing only, logged loudly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import logging
+import os
+from typing import Any
+
+from internlm_jax.config import PRESETS, ConfigError
+
+log = logging.getLogger("internlm_jax.serve")
+
+
+def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    g = p.add_argument_group("model and engine")
+    g.add_argument("--model", required=required,
+                   help="HF folder | internlm-jax checkpoint | int4 checkpoint | preset name (random weights)")
+    g.add_argument("--tokenizer", default=None, help="folder with tokenizer.model + tokenizer_config.json "
+                   "(default: the model folder)")
+    g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute/storage dtype (default: the checkpoint's; bfloat16 halves memory)")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel size (devices sharing the model)")
+    g.add_argument("--quant", default="none", choices=["none", "int4"], help="quantize weights at load")
+    g.add_argument("--quant-group-size", type=int, default=128, help="int4 group size along the input dim")
+    g.add_argument("--kv-int8", action="store_true", help="int8 KV cache (per-token, per-head scales)")
+    g.add_argument("--max-batch", type=int, default=64, help="sequences decoding together (decode slots)")
+    g.add_argument("--num-pages", "--page-budget", dest="num_pages", type=int, default=None,
+                   help="KV pages in the pool (default: from free device memory)")
+    g.add_argument("--page-size", type=int, default=64, help="tokens per KV page")
+    g.add_argument("--max-context", type=int, default=None,
+                   help="longest prompt + output in tokens (default: the model's max_position_embeddings)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one engine step (default: max(512, 2 * max-batch))")
+    g.add_argument("--chunk-size", type=int, default=None, help="longest prefill chunk")
+    g.add_argument("--no-prefix-caching", action="store_true")
+    g.add_argument("--seed", type=int, default=0, help="random-weight seed for presets; default sampling seed")
+    g.add_argument("--no-warmup", action="store_true", help="compile on first use instead of at start-up")
+    g.add_argument("--engine-buckets", default=None, help="advanced: 'decode=1,8,64;prefill=1,4;chunks=64,512;"
+                   "widths=8,64' bucket sizes for the compiled step shapes")
+
+
+def _mesh(tp: int) -> Any:
+    if tp < 1:
+        raise ConfigError(f"--tp must be >= 1, got {tp}")
+    if tp == 1:
+        return None
+    import jax
+
+    from internlm_jax.sharding import MeshConfig, make_mesh
+
+    devices = jax.devices()
+    if len(devices) < tp:
+        raise ConfigError(f"--tp {tp} needs {tp} devices but only {len(devices)} are visible")
+    return make_mesh(MeshConfig(data=1, fsdp=1, sequence=1, tensor=tp), devices=devices[:tp])
+
+
+def _quantize(params: Any, config: Any, group_size: int) -> Any:
+    try:
+        mod = importlib.import_module("internlm_jax.quant.int4")
+    except ModuleNotFoundError as e:
+        raise ConfigError("--quant int4 needs internlm_jax.quant.int4, which this build lacks") from e
+    fn = mod.quantize_params
+    kwargs = {"group_size": group_size} if "group_size" in inspect.signature(fn).parameters else {}
+    return fn(params, config, **kwargs)
+
+
+def load_lm(args: argparse.Namespace) -> tuple[Any, bool]:
+    """(LM, random_weights) for --model / --tokenizer / --dtype / --tp / --quant."""
+    import internlm_jax as ij
+
+    mesh = _mesh(args.tp)
+    path = os.fspath(args.model)
+    random_weights = False
+    if os.path.exists(path):
+        quant_io = None
+        try:
+            quant_io = importlib.import_module("internlm_jax.quant.io")
+        except ModuleNotFoundError:
+            pass
+        if quant_io is not None and quant_io.is_quantized_checkpoint(path):
+            lm = quant_io.load_quantized_lm(path, tokenizer=args.tokenizer)
+        else:
+            lm = ij.load(path, dtype=args.dtype, mesh=mesh, tokenizer=args.tokenizer)
+    elif path in PRESETS:
+        random_weights = True
+        log.warning("=" * 78)
+        log.warning("--model %s is a preset: serving RANDOM WEIGHTS (for testing only; replies are noise)", path)
+        log.warning("=" * 78)
+        lm = ij.init(path, seed=args.seed, dtype=args.dtype, mesh=mesh, tokenizer=args.tokenizer)
+    else:
+        raise ConfigError(f"--model {path!r} is neither an existing folder nor a preset; give an InternLM2 HF "
+                          f"folder, an internlm-jax checkpoint, or one of: {', '.join(sorted(PRESETS))}")
+    if lm.tokenizer is None:
+        log.warning("no tokenizer: only token-id prompts to /v1/completions will work (pass --tokenizer DIR)")
+    if args.quant == "int4":
+        lm.params = _quantize(lm.params, lm.config, args.quant_group_size)
+        log.info("weights quantized to int4 (group size %d)", args.quant_group_size)
+    lm.mesh = mesh
+    return lm, random_weights
+
+
+def _buckets(spec: str | None) -> dict[str, tuple[int, ...]]:
+    if not spec:
+        return {}
+    names = {"decode": "decode_batch_buckets", "prefill": "prefill_batch_buckets", "chunks": "chunk_buckets",
+             "widths": "width_buckets"}
+    out = {}
+    for part in spec.split(";"):
+        key, _, vals = part.partition("=")
+        if key.strip() not in names:
+            raise ConfigError(f"--engine-buckets: unknown key {key!r}; use {', '.join(names)}")
+        try:
+            out[names[key.strip()]] = tuple(int(v) for v in vals.split(","))
+        except ValueError:
+            raise ConfigError(f"--engine-buckets: {part!r} is not key=int,int,...") from None
+    return out
+
+
+def build_engine(lm: Any, args: argparse.Namespace) -> Any:
+    from internlm_jax.api import context_limit
+    from internlm_jax.engine import Engine, EngineConfig
+
+    max_len = args.max_context or min(context_limit(lm.config), lm.config.max_position_embeddings)
+    if args.max_context and args.max_context > context_limit(lm.config):
+        raise ConfigError(f"--max-context {args.max_context} exceeds the model's context of "
+                          f"{context_limit(lm.config)} tokens")
+    batched = args.max_num_batched_tokens or max(512, 2 * args.max_batch)
+    buckets = _buckets(args.engine_buckets)
+    extra: dict[str, Any] = {}
+    if "prefill_batch_buckets" in buckets:  # explicit buckets also bound what the scheduler may ask for
+        extra["max_prefill_rows"] = min(4, max(buckets["prefill_batch_buckets"]))
+    chunk = args.chunk_size
+    if chunk is None and "chunk_buckets" in buckets:
+        chunk = max(buckets["chunk_buckets"])
+    ec = EngineConfig(page_size=args.page_size, num_pages=args.num_pages, kv_dtype="int8" if args.kv_int8 else "auto",
+                      max_num_seqs=args.max_batch, max_model_len=max_len, max_num_batched_tokens=batched,
+                      chunk_size=chunk, enable_prefix_caching=not args.no_prefix_caching,
+                      warmup=not args.no_warmup, seed=args.seed, eos_token_ids=(lm.config.eos_token_id,),
+                      **buckets, **extra)
+    engine = Engine(lm.params, lm.config, ec, tokenizer=lm.tokenizer, mesh=lm.mesh)
+    st = engine.stats()
+    log.info("engine ready: %d KV pages x %d tokens, max context %d, %d decode slots, warm-up %.1f s "
+             "(%d programs)", st["pages_total"], st["page_size"], engine.max_model_len, args.max_batch,
+             st["warmup_seconds"], st["warmup_compilations"])
+    return engine
+
+
+__all__ = ["add_model_args", "build_engine", "load_lm"]

@@ -1,0 +1,192 @@
+"""`internlm-jax chat` (against a server and in-process; tool calls shown and answered), `internlm-jax serve`
+as a real process, and `bench serve` end to end. Random tiny model; 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+from fixtures import make_tokenizer_dir
+
+import internlm_jax as ij
+from internlm_jax.serve import chat_cli
+from internlm_jax.serve.backend import ServeConfig
+from internlm_jax.serve.testing import script_engine, serve_in_thread, tiny_engine
+
+SMALL_ENGINE = ["--max-context", "128", "--page-size", "16", "--num-pages", "40", "--max-batch", "4",
+                "--engine-buckets", "decode=4;prefill=2;chunks=32;widths=8"]
+WEATHER = {"type": "function", "function": {"name": "get_current_weather", "description": "Weather of a city",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"location": {"type": "string"}}}}}
+
+
+@pytest.fixture(scope="module")
+def tok_dir(tmp_path_factory):
+    return make_tokenizer_dir(tmp_path_factory.mktemp("tok"))
+
+
+@pytest.fixture(scope="module")
+def server(tok_dir):
+    """A tiny server whose replies to tool prompts are forced to a call, then to an answer (see
+    test_serve_tools.py for why); other prompts get the random model's own greedy tokens."""
+    lm = ij.init("internlm2-tiny", seed=0, tokenizer=tok_dir)
+    tok = lm.tokenizer
+    engine = tiny_engine(lm, max_batch=4, max_len=256)
+
+    def script_for(prompt_ids, request_id):
+        text = tok.decode(prompt_ids)
+        if "environment name=<|plugin|>" in text:
+            return tok.encode("Sunny, 25 degrees.<|im_end|>", add_bos=False)
+        if "name=<|plugin|>" in text:
+            return tok.encode('Checking.<|action_start|><|plugin|>\n{"name": "get_current_weather", '
+                              '"parameters": {"location": "Paris"}}<|action_end|>', add_bos=False)
+        return None
+
+    script_engine(engine, script_for)
+    with serve_in_thread(engine, tok, ServeConfig(model_name="tiny")) as (url, _):
+        yield url
+    engine.shutdown()
+
+
+def _run_chat(monkeypatch, capsys, argv: list[str], lines: str) -> str:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(lines))
+    assert chat_cli.main(argv) == 0
+    return capsys.readouterr().out
+
+
+def _replies(out: str) -> list[str]:
+    """The printed assistant replies (a reply ends with a newline, then the next prompt)."""
+    return [part.split("\n\nuser> ")[0].removesuffix("\n").removesuffix(" [cut at --max-tokens]")
+            for part in out.split("assistant> ")[1:]]
+
+
+def test_chat_cli_remote_history_reset_system(server, monkeypatch, capsys):
+    client = openai.OpenAI(base_url=server + "/v1", api_key="x")
+    ask = lambda msgs: client.chat.completions.create(model="tiny", messages=msgs, max_tokens=8,
+                                                      temperature=0).choices[0].message.content
+    out = _run_chat(monkeypatch, capsys, ["--url", server, "--temperature", "0", "--max-tokens", "8"],
+                    "Hello\nAgain\n/reset\n/system Be brief.\nHello\n/nope\n/exit\n")
+    first = ask([{"role": "user", "content": "Hello"}])
+    second = ask([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
+                  {"role": "user", "content": "Again"}])
+    third = ask([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
+    assert _replies(out) == [first, second, third]
+    assert "(conversation reset)" in out and "(system prompt set; conversation reset)" in out
+    assert "unknown command '/nope'" in out
+
+
+def test_chat_cli_shows_tool_calls(server, tmp_path, monkeypatch, capsys):
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([WEATHER]))
+    out = _run_chat(monkeypatch, capsys, ["--url", server, "--tools", str(tools), "--temperature", "0"],
+                    "Weather in Paris?\n{\"temp\": 25}\n/exit\n")
+    assert 'assistant> Checking.\n[tool call] get_current_weather({"location": "Paris"})' in out
+    assert "tool result for get_current_weather> " in out
+    assert "assistant> Sunny, 25 degrees." in out
+    assert "<|" not in out
+
+
+def test_chat_cli_in_process(tok_dir, server, monkeypatch, capsys):
+    """In-process (engine stepped on the caller's thread) gives the same greedy reply as the server."""
+    out = _run_chat(monkeypatch, capsys, ["--model", "internlm2-tiny", "--tokenizer", tok_dir, *SMALL_ENGINE,
+                                          "--temperature", "0", "--max-tokens", "8"], "Hello\n")
+    assert "RANDOM weights" in out
+    want = openai.OpenAI(base_url=server + "/v1", api_key="x").chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
+    assert _replies(out) == [want.choices[0].message.content]
+
+
+@pytest.mark.slow
+def test_chat_cli_tensor_parallel_and_int4(tok_dir, server, monkeypatch, capsys):
+    """--tp 2 (2 of the 8 simulated CPU devices) gives the single-device greedy reply; --quant int4 and
+    --kv-int8 load and answer (their numerics differ, so only the shape of the output is checked)."""
+    base = ["--model", "internlm2-tiny", "--tokenizer", tok_dir, *SMALL_ENGINE, "--temperature", "0",
+            "--max-tokens", "8"]
+    want = openai.OpenAI(base_url=server + "/v1", api_key="x").chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
+    out = _run_chat(monkeypatch, capsys, [*base, "--tp", "2"], "Hello\n")
+    assert _replies(out) == [want.choices[0].message.content]
+    out = _run_chat(monkeypatch, capsys, [*base, "--quant", "int4", "--quant-group-size", "32", "--kv-int8"],
+                    "Hello\n")
+    assert len(_replies(out)) == 1 and "[error]" not in out
+
+
+def test_cli_errors(capsys):
+    from internlm_jax.serve import cli as serve_cli
+
+    assert serve_cli.main(["--model", "no-such-model"]) == 2
+    assert "neither an existing folder nor a preset" in capsys.readouterr().err
+    assert chat_cli.main([]) == 2
+    assert "give --model" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_serve_command_end_to_end(tok_dir, tmp_path):
+    port = _free_port()
+    cmd = [sys.executable, "-m", "internlm_jax.cli", "serve", "--model", "internlm2-tiny", "--tokenizer", tok_dir,
+           "--host", "127.0.0.1", "--port", str(port), "--api-keys", "k1,k2", "--served-model-name", "tiny-served",
+           "--log-level", "warning", *SMALL_ENGINE]
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 240
+            while True:
+                assert proc.poll() is None, (tmp_path / "serve.log").read_text()
+                try:
+                    if httpx.get(url + "/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert time.monotonic() < deadline, "server did not come up"
+                time.sleep(0.5)
+            client = openai.OpenAI(base_url=url + "/v1", api_key="k2", max_retries=0)
+            assert [m.id for m in client.models.list().data] == ["tiny-served"]
+            r = client.chat.completions.create(model="tiny-served", messages=[{"role": "user", "content": "Hi"}],
+                                               max_tokens=4)
+            assert r.usage.completion_tokens >= 1
+            with pytest.raises(openai.AuthenticationError):
+                openai.OpenAI(base_url=url + "/v1", api_key="bad", max_retries=0).models.list()
+            assert "RANDOM WEIGHTS" in (tmp_path / "serve.log").read_text()
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                assert proc.wait(30) == 0  # Ctrl-C is a clean shutdown
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+
+
+@pytest.mark.slow
+def test_bench_serve(tok_dir, tmp_path, capsys):
+    from internlm_jax import bench_serve
+
+    out = tmp_path / "bench.json"
+    rc = bench_serve.main(["--model", "internlm2-tiny", "--tokenizer", tok_dir, *SMALL_ENGINE, "--num-prompts", "12",
+                           "--input-len", "24", "--output-len", "8", "--concurrency", "6", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    report = json.loads(out.read_text())
+    for key in ("engine", "http"):
+        s = report[key]
+        assert s["completed"] == 12 and s["failed"] == 0
+        assert s["output_tok_s"] > 0 and s["ttft_ms"]["p50"] > 0 and s["e2e_s"]["p99"] >= s["e2e_s"]["p50"]
+    assert report["http"]["total_output_tokens"] == report["engine"]["total_output_tokens"]
+    assert report["http_over_engine"] > 0
+    assert "HTTP / engine output tok/s" in text and "TTFT" in text and "p99" in text
+    assert report["server_stats"]["compilations"] == 0

@@ -6,3 +6,5 @@ import os
 _FLAG = "--xla_force_host_platform_device_count=8"
 if _FLAG not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+# Tests run on the CPU even where libtpu (the `tpu` extra, for AOT planning) is installed.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -71,7 +71,7 @@ def reference_params(params: Any) -> Any:
     """The base model under LoRA / QLoRA adapters (what `dpo.reference: on_the_fly` compares against)."""
     from internlm_jax.peft import LoraWeight
 
-    is_lora = lambda x: isinstance(x, LoraWeight)  # noqa: E731
+    is_lora = lambda x: isinstance(x, LoraWeight)
     return jax.tree.map(lambda x: x.base if is_lora(x) else x, params, is_leaf=is_lora)
 
 
@@ -226,7 +226,7 @@ def evaluate_pairs(params: Any, config: ModelConfig, units: Sequence[Unit], seq_
         group = rows[start: start + batch_rows]
         group = group + [[] for _ in range(batch_rows - len(group))]
         host = build_rows(units, group, seq_len, pad_id, dpo=True, with_ref=True)
-        total, n, aux = jax.device_get(fn(params, {k: jnp.asarray(v) for k, v in host.items()}))
+        _, n, aux = jax.device_get(fn(params, {k: jnp.asarray(v) for k, v in host.items()}))
         pairs += float(n)
         for k, v in aux.items():
             sums[k] = sums.get(k, 0.0) + float(v)

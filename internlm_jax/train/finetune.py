@@ -34,13 +34,19 @@ import jax.numpy as jnp
 from internlm_jax.config import ConfigError, ModelConfig
 from internlm_jax.data.sft import DataReport, PackedBatches, Unit, load_chat_tokenizer, load_units
 from internlm_jax.model import init_params, param_axes, param_shapes
-from internlm_jax.train.finetune_config import (DPOConfig, ExportConfig, FinetuneConfig, LoraConfig,
-                                                QLoraConfig)
+from internlm_jax.train.finetune_config import (
+    DPOConfig,
+    ExportConfig,
+    FinetuneConfig,
+    LoraConfig,
+    QLoraConfig,
+)
 from internlm_jax.train.loop import TrainHooks, TrainResult, load_initial_params, train
 from internlm_jax.train.step import LossFn, default_loss_fn
 
 __all__ = ["DPOConfig", "ExportConfig", "FinetuneConfig", "FinetuneResult", "LoraConfig", "QLoraConfig",
-           "build_params_fn", "finetune", "finetune_axes", "prepare_data"]
+           "base_weights", "build_model", "build_params_fn", "chat_accuracy", "export_hf", "finetune", "finetune_axes",
+           "initial_params", "prepare_data"]
 
 
 @dataclasses.dataclass
@@ -116,6 +122,9 @@ def finetune_axes(abstract_params: Any, model: ModelConfig) -> Any:
     return jax.tree_util.tree_map_with_path(rule, abstract_params)
 
 
+_init_jit = jax.jit(init_params, static_argnums=0)  # compiled once per ModelConfig (hashable)
+
+
 def initial_params(cfg: FinetuneConfig, model: ModelConfig, target: Any = None) -> Any:
     """The params a fresh run starts from: base weights (`base_weights(cfg)`, else random with cfg.seed),
     quantised / wrapped for cfg.mode (adapters drawn from cfg.seed), placed like `target` (abstract params with
@@ -126,7 +135,7 @@ def initial_params(cfg: FinetuneConfig, model: ModelConfig, target: Any = None) 
     mesh = jax.tree.leaves(target)[0].sharding.mesh if target is not None else make_mesh(devices=jax.devices()[:1])
     weights = base_weights(cfg)
     if weights is None:
-        dense = jax.jit(lambda k: init_params(model, k))(jax.random.fold_in(key, 0))
+        dense = _init_jit(model, jax.random.fold_in(key, 0))
     else:
         dense = load_initial_params(weights, model, _dense_target(model, mesh), mesh)
     params = build_params_fn(cfg)(dense, model, jax.random.fold_in(key, 1))
@@ -139,10 +148,20 @@ def _dense_target(model: ModelConfig, mesh: Any) -> Any:
     from internlm_jax.sharding import tree_shardings
 
     shapes = param_shapes(model)
-    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)  # noqa: E731
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(d, int) for d in x)
     sh = tree_shardings(mesh, param_axes(model), shapes)
     dtype = jnp.dtype(model.param_dtype)
     return jax.tree.map(lambda s, h: jax.ShapeDtypeStruct(s, dtype, sharding=h), shapes, sh, is_leaf=is_shape)
+
+
+def build_model(cfg: FinetuneConfig) -> ModelConfig:
+    """cfg.model.build(), with a clear error for a model folder that is not there."""
+    name = cfg.model.name
+    if (os.sep in name or name.startswith(".")) and not os.path.isdir(name):
+        raise ConfigError(f"model.name {name!r} is not a folder: point it at the model's HF checkpoint (config.json, "
+                          "tokenizer.model, *.safetensors), e.g. model.name=/path/to/internlm2-chat-7b, or name a "
+                          "preset (internlm2-chat-7b gives the architecture only)")
+    return cfg.model.build()
 
 
 def base_weights(cfg: FinetuneConfig) -> str | None:
@@ -232,15 +251,15 @@ def finetune(cfg: FinetuneConfig, *, devices: list[Any] | None = None,
     """Prepare the data, train (or resume) on the training loop, save adapters and exports."""
     from internlm_jax.peft import is_adapter_path, param_memory_report
 
-    model = cfg.model.build()
+    model = build_model(cfg)
     tokenizer, units, report, eval_units = prepare_data(cfg, model)
     out = os.path.abspath(cfg.output_dir)
     is_main = jax.process_index() == 0
     dpo = cfg.task == "dpo"
     precompute = dpo and cfg.dpo.reference == "precompute"
     ref_file = os.path.join(out, "dpo_reference.npz")
-    pack_kw = dict(pad_id=int(tokenizer.pad_id), pack=cfg.dataset.pack, dpo=dpo,
-                   max_units_per_row=cfg.dpo.max_pairs_per_row if dpo else 0)
+    pack_kw: dict[str, Any] = {"pad_id": int(tokenizer.pad_id), "pack": cfg.dataset.pack, "dpo": dpo,
+                               "max_units_per_row": cfg.dpo.max_pairs_per_row if dpo else 0}
 
     probe = PackedBatches(units, cfg.dataset.seq_len, cfg.global_batch_size, seed=cfg.seed,
                           shuffle=cfg.dataset.shuffle, **pack_kw)
@@ -276,14 +295,18 @@ def finetune(cfg: FinetuneConfig, *, devices: list[Any] | None = None,
         return src
 
     transform = build_params_fn(cfg)
-    init_fn = lambda m, k: transform(init_params(m, jax.random.fold_in(k, 0)), m, jax.random.fold_in(k, 1))  # noqa
+    init_fn = lambda m, k: transform(init_params(m, jax.random.fold_in(k, 0)), m, jax.random.fold_in(k, 1))
     abstract = jax.eval_shape(lambda k: init_fn(model, k), jax.random.key(0))
     weights = base_weights(cfg)
-    if weights is None and is_main:
-        print(f"note: no base weights (init_from unset and model.name {cfg.model.name!r} is a preset): starting "
-              "from random weights")
+    if weights is not None and not os.path.isdir(weights):
+        raise ConfigError(f"the base weights {weights!r} (init_from) do not exist: give an HF folder, an internlm-jax "
+                          "params checkpoint or a training run (`internlm-jax train --config "
+                          "configs/pretrain/tiny.yaml` writes runs/tiny), or init_from=null for random weights")
 
     def load_params(c: Any, m: ModelConfig, target: Any) -> Any:
+        if weights is None and is_main:
+            print(f"note: no base weights (init_from unset and model.name {cfg.model.name!r} is a preset): "
+                  "starting from random weights")
         params = initial_params(cfg, m, target)
         if precompute:
             _precompute(params, m, jax.tree.leaves(target)[0].sharding.mesh)
@@ -369,7 +392,7 @@ def _write_memory(cfg: FinetuneConfig, model: ModelConfig, measured: dict[str, i
     rows = memory_comparison(model, rank=cfg.lora.rank, alpha=cfg.lora.alpha, group_size=cfg.qlora.group_size,
                              targets=cfg.lora.targets, base_dtype=model.param_dtype,
                              adapter_dtype=cfg.lora.dtype)
-    mib = lambda n: f"{n / 2**20:.2f} MiB"  # noqa: E731
+    mib = lambda n: f"{n / 2**20:.2f} MiB"
     text = (format_memory_table(rows, f"parameter memory of {cfg.model.name} (shapes only)") + "\n\n"
             f"measured in this run ({cfg.mode}): params {mib(measured['total'])}, frozen {mib(measured['frozen'])}, "
             f"trainable {mib(measured['trainable'])} ({measured['trainable_params']:,} params), int4 "

@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
 def _dry_run(cfg) -> int:
     from internlm_jax.data.sft import PackedBatches
     from internlm_jax.peft import format_memory_table, memory_comparison
-    from internlm_jax.train.finetune import prepare_data
+    from internlm_jax.train.finetune import build_model, prepare_data
 
-    model = cfg.model.build()
+    model = build_model(cfg)
     tokenizer, units, report, _ = prepare_data(cfg, model)
     batches = PackedBatches(units, cfg.dataset.seq_len, cfg.global_batch_size, pad_id=int(tokenizer.pad_id),
                             seed=cfg.seed, pack=cfg.dataset.pack, dpo=cfg.task == "dpo")

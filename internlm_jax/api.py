@@ -25,6 +25,7 @@ class Generation:
     token_ids: list[int]
     finish_reason: str  # "stop" (eos / stop token / stop string) or "length"
     prompt_tokens: int
+    stop_token_id: int | None = None  # the stop token that ended generation (not in token_ids), if any
 
 
 def _bucket(n: int, minimum: int = 16) -> int:
@@ -147,17 +148,17 @@ class LM:
         results = []
         for i, s in enumerate(seqs):
             ids = out[i].tolist()
-            reason = "length"
+            reason, stopped_on = "length", None
             for j, t in enumerate(ids):
                 if t in stops:
-                    ids, reason = ids[:j], "stop"
+                    ids, reason, stopped_on = ids[:j], "stop", int(t)
                     break
             text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
             if stop and self.tokenizer is not None:
                 cut = min((text.find(x) for x in stop if x and x in text), default=-1)
                 if cut >= 0:
                     text, reason = text[:cut], "stop"
-            results.append(Generation(text, ids, reason, len(s)))
+            results.append(Generation(text, ids, reason, len(s), stopped_on))
         return results if return_details else [r.text for r in results]
 
     def chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,

@@ -6,10 +6,11 @@ tools served over HTTP (`internlm_jax.agent.tool_server`, imported on demand: it
 
 from internlm_jax.agent.backends import OpenAIChatBackend, PromptBackend, ScriptedBackend
 from internlm_jax.agent.builtin import PythonInterpreter, calculator, calculator_tool, file_reader
+from internlm_jax.agent.local import LocalBackend
 from internlm_jax.agent.loop import Agent, AgentEvent, AgentRun, Backend
 from internlm_jax.agent.sandbox import ExecResult, Sandbox, SandboxConfig, SandboxError
 from internlm_jax.agent.tools import Tool, ToolError, Toolkit, ToolResult, tool
 
-__all__ = ["Agent", "AgentEvent", "AgentRun", "Backend", "ExecResult", "OpenAIChatBackend", "PromptBackend",
-           "PythonInterpreter", "Sandbox", "SandboxConfig", "SandboxError", "ScriptedBackend", "Tool",
+__all__ = ["Agent", "AgentEvent", "AgentRun", "Backend", "ExecResult", "LocalBackend", "OpenAIChatBackend",
+           "PromptBackend", "PythonInterpreter", "Sandbox", "SandboxConfig", "SandboxError", "ScriptedBackend", "Tool",
            "ToolError", "ToolResult", "Toolkit", "calculator", "calculator_tool", "file_reader", "tool"]

@@ -114,6 +114,9 @@ def compile_step(cfg: Any, devices: list[Any]) -> dict[str, Any]:
         "fits": None if hbm is None else bool(per_device <= 0.95 * hbm),
         "flops_per_step": flops * len(devices),  # cost_analysis is per device (one SPMD partition)
         "model_flops_per_step": 6 * n_params * b * seq,
+        # XLA's cost analysis counts a scanned layer body once and does not see inside Pallas kernels, so
+        # flops_per_step undercounts a scanned model; model_flops_per_step (6 N tokens) is the MFU numerator.
+        "flops_note": "flops_per_step is XLA cost analysis (scan body counted once, Pallas kernels excluded)",
         "collectives": hlo_collectives(compiled.as_text()),
         "compile_seconds": round(seconds, 1),
     }

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -220,7 +221,7 @@ def serve_and_ask(out: Path, model_dir: Path, tok_dir: Path) -> dict[str, Any]:
             r.raise_for_status()
             results["tool"]["final_answer"] = r.json()["choices"][0]["message"]["content"]
     finally:
-        proc.terminate()
+        proc.send_signal(signal.SIGINT)  # uvicorn's graceful shutdown: finish requests, stop the engine
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:

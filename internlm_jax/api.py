@@ -275,6 +275,14 @@ def load(path_or_preset: str | os.PathLike, *, dtype: str | None = None, mesh: M
                 f"or use ij.init({path!r}) for random weights.")
         raise ConfigError(f"no checkpoint at {path!r}: give an InternLM2 HF folder (with config.json) or an "
                           f"internlm-jax orbax checkpoint folder")
+    from internlm_jax.quant.io import is_quantized_checkpoint, load_quantized_lm
+
+    if is_quantized_checkpoint(path):  # `internlm-jax quantize` output: int4 weights + manifest
+        lm = load_quantized_lm(path, tokenizer=tokenizer)
+        if mesh is not None:
+            raise ConfigError("loading a quantized checkpoint onto a mesh is not supported yet; load it on one "
+                              "device, or load the original weights with mesh=... and quantize")
+        return LM(lm.config.replace(**overrides) if overrides else lm.config, lm.params, lm.tokenizer, None)
     if os.path.exists(os.path.join(path, "config.json")):
         from internlm_jax.checkpoint.hf import load_hf
 

@@ -72,3 +72,16 @@ def test_real_size_param_counts():
     assert counts["internlm2-7b"] * 2 == 15_475_417_088
     assert 1.85e9 < counts["internlm2-1_8b"] < 1.95e9
     assert 19.5e9 < counts["internlm2-20b"] < 20.2e9
+
+
+def test_load_opens_quantized_checkpoints(lm, tmp_path):
+    from internlm_jax.api import LM
+    from internlm_jax.quant.int4 import quantize_params
+    from internlm_jax.quant.io import save_quantized
+
+    qparams = quantize_params(lm.params, lm.config, group_size=32)
+    save_quantized(str(tmp_path / "q"), qparams, lm.config)
+    loaded = ij.load(str(tmp_path / "q"))
+    assert type(loaded.params["layers"]["wqkv"]).__name__ == "QuantizedLinear"
+    ids = [1, 5, 6, 7, 8]
+    np.testing.assert_array_equal(loaded.logits(ids), LM(lm.config, qparams).logits(ids))

@@ -172,11 +172,25 @@ def evaluate_task(task: Task, model: EvalModel | Callable[[], EvalModel], work_d
             for r in recs:
                 done[r["idx"]] = r
             computed += len(chunk)
+            _maybe_fault(computed)
             if bar is not None:
                 bar.update(len(chunk))
         if bar is not None:
             bar.close()
     return TaskRun(task, [done[i] for i in range(len(task))], computed, cache.stale)
+
+
+# Fault injection for the resume test: "kill_after_items:N" SIGKILLs this process once N items of a task are
+# in the cache (a real, uncatchable kill at a deterministic point, instead of racing a timer).
+FAULT_ENV = "INTERNLM_JAX_EVAL_FAULT"
+
+
+def _maybe_fault(computed: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if spec.startswith("kill_after_items:") and computed >= int(spec.split(":", 1)[1]):
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def run_eval(config: EvalConfig, *, models: Mapping[str, EvalModel] | None = None, base_dir: str | None = None,

@@ -119,7 +119,7 @@ def _attention(q, k, v, mask, config: ModelConfig, segment_ids, by_position: boo
 def _layer(config: ModelConfig, x, lp, cos, sin, q_pos, q_seg, layer_cache, cache_meta):
     """One decoder block. x: [B, T, D]. layer_cache: (k, v) [B, S, K, H] slices or None."""
     dtype = jnp.dtype(config.dtype)
-    K, G = config.num_kv_heads, config.groups
+    G = config.groups
 
     h = rms_norm(x, lp["attention_norm"], config.rms_norm_eps)
     qkv = linear(h, lp["wqkv"], "D", "KQH", dtype)  # [B, T, K, G+2, H]
@@ -140,6 +140,13 @@ def _layer(config: ModelConfig, x, lp, cos, sin, q_pos, q_seg, layer_cache, cach
         mask = attention_mask(q_pos, k_pos, None, None, by_position=True)
         attn = _attention(q, ck.astype(dtype), cv.astype(dtype), mask, config, None, by_position=True)
         new_cache = (ck, cv)
+    return block_output(config, x, lp, attn), new_cache
+
+
+def block_output(config: ModelConfig, x, lp, attn):
+    """The rest of a decoder block after attention: x + wo(attn), then x + w2(silu(w1 h) * w3 h).
+    Shared by the dense path here and the paged path in internlm_jax.engine.paged_model."""
+    dtype = jnp.dtype(config.dtype)
     attn = constrain(attn, ("batch", "length", "act_kv_heads", None, None))
     x = x + linear(attn, lp["wo"], "KGH", "D", dtype).astype(x.dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
@@ -149,8 +156,7 @@ def _layer(config: ModelConfig, x, lp, cos, sin, q_pos, q_seg, layer_cache, cach
     up = linear(h, lp["w3"], "D", "F", dtype)
     act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
     x = x + linear(act, lp["w2"], "F", "D", dtype).astype(x.dtype)
-    x = constrain(x, ("batch", "length", "act_embed"))
-    return x, new_cache
+    return constrain(x, ("batch", "length", "act_embed"))
 
 
 _REMAT = {

@@ -27,6 +27,7 @@ from jaxtyping import Array, Float, Int
 
 from internlm_jax.config import ConfigError, ModelConfig
 from internlm_jax.layers import MASK_VALUE, apply_rope, linear, reference_attention, rms_norm, rope_tables
+from internlm_jax.model import block_output
 from internlm_jax.sharding import constrain
 
 KV_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
@@ -239,7 +240,7 @@ def paged_forward(params: dict[str, Any], tokens: Int[Array, "B T"], positions: 
     x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
     cos, sin = rope_tables(config, positions, new_lengths[:, None, None])
-    K, G = config.num_kv_heads, config.groups
+    G = config.groups
 
     def body(carry, layer_in):
         x, kp, vp, ks, vs = carry
@@ -253,15 +254,7 @@ def paged_forward(params: dict[str, Any], tokens: Int[Array, "B T"], positions: 
         kp, ks = _write_pages(kp, ks, layer, k, page_ids, offsets)
         vp, vs = _write_pages(vp, vs, layer, v, page_ids, offsets)
         attn = paged_attention(config, q, kp, vp, cache.page_table, new_lengths, positions, layer, ks, vs)
-        attn = constrain(attn, ("batch", "length", "act_kv_heads", None, None))
-        x = x + linear(attn, lp["wo"], "KGH", "D", dtype).astype(x.dtype)
-        x = constrain(x, ("batch", "length", "act_embed"))
-        h = rms_norm(x, lp["ffn_norm"], config.rms_norm_eps)
-        gate = linear(h, lp["w1"], "D", "F", dtype)
-        up = linear(h, lp["w3"], "D", "F", dtype)
-        act = constrain(jax.nn.silu(gate) * up, ("batch", "length", "act_mlp"))
-        x = x + linear(act, lp["w2"], "F", "D", dtype).astype(x.dtype)
-        x = constrain(x, ("batch", "length", "act_embed"))
+        x = block_output(config, x, lp, attn)
         return (x, kp, vp, ks, vs), None
 
     # The pool rides in the scan carry so each layer's scatter updates it in place (as xs/ys the whole pool

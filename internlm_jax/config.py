@@ -7,7 +7,8 @@ import json
 import os
 from typing import Any, Literal
 
-RopeScaling = tuple[str, float] | None  # ("dynamic", factor) or None
+RopeScaling = tuple[str, float] | None  # ("dynamic", factor), ("linear", factor) or None
+ROPE_SCALING_TYPES = ("dynamic", "linear")  # dynamic NTK (base grows past M); linear (positions / factor)
 RematPolicy = Literal["none", "minimal", "dots", "full"]
 ImplChoice = Literal["auto", "reference", "pallas"]
 
@@ -39,6 +40,9 @@ class ModelConfig:
     attention_impl: ImplChoice = "auto"
     matmul_impl: ImplChoice = "auto"
     scan_layers: bool = True
+    # A context limit the user asked for explicitly, beyond max_position_embeddings x rope factor (the reference
+    # keeps no cap and extrapolates). None: the model's own limit. Not written to config.json.
+    max_context: int | None = None
 
     def __post_init__(self) -> None:
         positive = ["vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -54,10 +58,14 @@ class ModelConfig:
             raise ConfigError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
         if self.rope_scaling is not None:
             kind, factor = self.rope_scaling
-            if kind != "dynamic":
-                raise ConfigError(f"rope_scaling type {kind!r} is not supported; InternLM2 uses 'dynamic' (NTK)")
+            if kind not in ROPE_SCALING_TYPES:
+                raise ConfigError(f"rope_scaling type {kind!r} is not supported; use 'dynamic' (NTK, as InternLM2 "
+                                  "releases do) or 'linear' (positions divided by the factor)")
             if factor < 1.0:
                 raise ConfigError(f"rope_scaling factor must be >= 1.0, got {factor}")
+        if self.max_context is not None and self.max_context <= 0:
+            raise ConfigError(f"ModelConfig.max_context must be positive or None (the model's own limit), "
+                              f"got {self.max_context}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in ("float32", "bfloat16", "float16"):
                 raise ConfigError(f"ModelConfig.{name} must be float32, bfloat16 or float16, got {getattr(self, name)!r}")
@@ -184,14 +192,15 @@ def _parse_rope_scaling(hf: dict[str, Any]) -> RopeScaling:
     kind = rs.get("type", rs.get("rope_type"))
     if kind == "default":
         return None
-    if kind != "dynamic":
+    if kind not in ROPE_SCALING_TYPES:
         raise ConfigError(
-            f"unsupported rope_scaling {rs!r}: InternLM2 checkpoints use null or "
-            "{'type': 'dynamic', 'factor': f}; edit config.json or convert the checkpoint")
+            f"unsupported rope_scaling {rs!r}: InternLM2 checkpoints use null, "
+            "{'type': 'dynamic', 'factor': f} or {'type': 'linear', 'factor': f}; edit config.json or convert "
+            "the checkpoint")
     factor = rs.get("factor", 1.0)
-    if not isinstance(factor, (int, float)) or factor < 1.0:
-        raise ConfigError(f"rope_scaling factor must be a number >= 1.0, got {factor!r}")
-    return ("dynamic", float(factor))
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1.0:
+        raise ConfigError(f"rope_scaling factor must be a number >= 1.0, got {factor!r} in {rs!r}")
+    return (kind, float(factor))
 
 
 _SHARED = dict(vocab_size=92544, rms_norm_eps=1e-5, rope_theta=1e6, max_position_embeddings=32768)

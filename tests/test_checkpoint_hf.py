@@ -332,3 +332,67 @@ def test_transformers5_rope_parameters_in_config_json(llama, tmp_path):
     path.write_text(json.dumps(cfg))
     config, _ = load_hf(folder, progress=False)
     assert config.rope_theta == 1e6 and config.rope_scaling == ("dynamic", 2.0)
+
+
+# ---- export keeps what the reference's trust_remote_code loader needs ----------------------------------------
+_REMOTE_CONFIG = '''from transformers import PretrainedConfig
+
+
+class InternLM2Config(PretrainedConfig):
+    model_type = "internlm2"
+'''
+_SOURCE_AUTO_MAP = {"AutoConfig": "configuration_internlm2.InternLM2Config",
+                    "AutoModel": "modeling_internlm2.InternLM2ForCausalLM",
+                    "AutoModelForCausalLM": "modeling_internlm2.InternLM2ForCausalLM",
+                    "AutoModelForSequenceClassification": "modeling_internlm2.InternLM2ForSequenceClassification"}
+
+
+def test_save_from_source_keeps_remote_code_tokenizer_and_auto_map(tmp_path, monkeypatch):
+    """ij.load(HF folder) then save_hf(..., source_dir=folder): the tokenizer files, the remote code and the
+    source's auto_map all reach the export, and transformers' trust_remote_code config loader opens it."""
+    import transformers.dynamic_module_utils as dmu
+    from fixtures import make_tokenizer_dir
+    from transformers import AutoConfig
+
+    import internlm_jax as ij
+
+    src = write_internlm2_folder(tiny_llama(vocab=512, seed=2), tmp_path / "src",
+                                 config_overrides={"auto_map": _SOURCE_AUTO_MAP})
+    make_tokenizer_dir(src, 512)
+    remote = {"configuration_internlm2.py": _REMOTE_CONFIG,
+              "modeling_internlm2.py": "# the reference model code (stand-in)\n",
+              "tokenization_internlm2.py": "# slow tokenizer (stand-in)\n",
+              "tokenization_internlm2_fast.py": "# fast tokenizer (stand-in)\n"}
+    for name, text in remote.items():
+        (tmp_path / "src" / name).write_text(text)
+    lm = ij.load(src)
+    out = tmp_path / "out"
+    save_hf(out, lm.params, lm.config, source_dir=src, progress=False)
+
+    files = set(os.listdir(out))
+    copied = set(remote) | {"tokenizer.model", "tokenizer_config.json", "special_tokens_map.json"}
+    assert copied <= files, copied - files
+    for name in copied:
+        assert (out / name).read_bytes() == (tmp_path / "src" / name).read_bytes(), name
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["auto_map"] == _SOURCE_AUTO_MAP and cfg["architectures"] == ["InternLM2ForCausalLM"]
+    gen = json.loads((out / "generation_config.json").read_text())
+    im_end = [int(i) for i, t in json.loads((out / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+              .items() if t["content"] == "<|im_end|>"]
+    assert gen["eos_token_id"] == [2, *im_end] and im_end
+    _, again = load_hf(out, progress=False)
+    _assert_params_equal(again, lm.params)
+
+    monkeypatch.setattr(dmu, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    remote_cfg = AutoConfig.from_pretrained(str(out), trust_remote_code=True)
+    assert type(remote_cfg).__name__ == "InternLM2Config"
+    assert remote_cfg.hidden_size == lm.config.hidden_size and remote_cfg.num_key_value_heads == 2
+
+
+def test_save_from_source_without_auto_map_and_bad_source(reference, tmp_path):
+    folder, config, params = reference  # no auto_map, no remote code, no tokenizer in this source
+    save_hf(tmp_path / "out", params, config, source_dir=folder, progress=False)
+    assert json.loads((tmp_path / "out" / "config.json").read_text()) == config.to_hf_config()
+    with pytest.raises(CheckpointError, match="source_dir .* is not a folder"):
+        save_hf(tmp_path / "x", params, config, source_dir=tmp_path / "missing", progress=False)

@@ -1,5 +1,6 @@
-"""Checkpoints: InternLM2 HF folders in and out (`load_hf`, `save_hf`), and our own orbax param checkpoints
-(`save_params`, `restore_params`). Names resolve lazily so importing one side does not import the other."""
+"""Checkpoints: InternLM2 HF folders in and out (`load_hf`, `save_hf`), export to Llama's layout
+(`save_llama`), and our own orbax param checkpoints (`save_params`, `restore_params`). Names resolve lazily
+so importing one side does not import the other."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ _EXPORTS = {
     "load_hf": "internlm_jax.checkpoint.hf",
     "save_hf": "internlm_jax.checkpoint.hf",
     "dense_weight": "internlm_jax.checkpoint.hf",
+    "save_llama": "internlm_jax.checkpoint.llama",
     "save_params": "internlm_jax.checkpoint.orbax_io",
     "restore_params": "internlm_jax.checkpoint.orbax_io",
     "read_config": "internlm_jax.checkpoint.orbax_io",
@@ -25,6 +27,7 @@ __all__ = [
     "read_extra",
     "restore_params",
     "save_hf",
+    "save_llama",
     "save_params",
 ]
 

@@ -1,7 +1,9 @@
-"""`internlm-jax convert`: HF folder <-> internlm-jax (orbax) checkpoint.
+"""`internlm-jax convert`: HF folder <-> internlm-jax (orbax) checkpoint, and export to Llama's layout.
 
     internlm-jax convert --from-hf DIR --to CKPT [--dtype bfloat16]
     internlm-jax convert --from CKPT --to-hf DIR [--tokenizer DIR] [--dtype bfloat16] [--max-shard-size 2GB]
+    internlm-jax convert --from-hf DIR | --from CKPT --to-llama DIR [--tokenizer DIR] [--dtype ...]
+        (a LlamaForCausalLM folder, like InternLM's convert2llama; --from-hf copies DIR's tokenizer files)
     internlm-jax convert merge ...      (LoRA adapters into base weights; see SUBCOMMANDS)
 """
 
@@ -33,9 +35,13 @@ def _parser() -> argparse.ArgumentParser:
     dst = p.add_mutually_exclusive_group(required=True)
     dst.add_argument("--to", metavar="CKPT", help="write an internlm-jax checkpoint here")
     dst.add_argument("--to-hf", metavar="DIR", help="write an HF folder here")
-    p.add_argument("--tokenizer", metavar="DIR", help="copy tokenizer files from this folder (with --to-hf)")
+    dst.add_argument("--to-llama", metavar="DIR",
+                     help="write a Llama HF folder here (transformers' LlamaForCausalLM loads it, no remote code)")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="copy tokenizer files from this folder (with --to-hf or --to-llama)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="storage dtype of the output")
-    p.add_argument("--max-shard-size", default="1GB", help="largest safetensors shard with --to-hf (e.g. 2GB)")
+    p.add_argument("--max-shard-size", default="1GB",
+                   help="largest safetensors shard with --to-hf / --to-llama (e.g. 2GB)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
@@ -59,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--from-hf with --to-hf copies nothing useful; convert to --to CKPT instead")
         if args.from_ckpt and args.to:
             raise ConfigError("--from CKPT with --to CKPT: copy the folder instead")
-        if args.tokenizer and not args.to_hf:
-            raise ConfigError("--tokenizer only applies with --to-hf")
+        if args.tokenizer and not (args.to_hf or args.to_llama):
+            raise ConfigError("--tokenizer only applies with --to-hf or --to-llama")
         start = time.perf_counter()
-        if args.from_hf:
+        if args.to_llama:
+            summary = _to_llama(args)
+        elif args.from_hf:
             summary = _hf_to_ckpt(args)
         else:
             summary = _ckpt_to_hf(args)
@@ -92,6 +100,25 @@ def _ckpt_to_hf(args: argparse.Namespace) -> str:
     save_hf(args.to_hf, params, config, tokenizer_dir=args.tokenizer, max_shard_bytes=parse_size(args.max_shard_size),
             overwrite=args.overwrite, progress=not args.quiet)
     return (f"converted {args.from_ckpt} -> {args.to_hf}: {config.num_params():,} params "
+            f"({config.num_layers} layers, {config.param_dtype})")
+
+
+def _to_llama(args: argparse.Namespace) -> str:
+    from internlm_jax.checkpoint.llama import save_llama
+
+    source = args.from_hf or args.from_ckpt
+    if args.from_hf:
+        from internlm_jax.checkpoint.hf import check_target, load_hf
+
+        check_target(args.to_llama, args.overwrite)  # before the (long) load
+        config, params = load_hf(args.from_hf, dtype=args.dtype, progress=not args.quiet)
+    else:
+        from internlm_jax.checkpoint.orbax_io import restore_params
+
+        config, params = restore_params(args.from_ckpt, dtype=args.dtype)
+    save_llama(args.to_llama, params, config, source_dir=args.from_hf, tokenizer_dir=args.tokenizer,
+               max_shard_bytes=parse_size(args.max_shard_size), overwrite=args.overwrite, progress=not args.quiet)
+    return (f"converted {source} -> {args.to_llama} (LlamaForCausalLM): {config.num_params():,} params "
             f"({config.num_layers} layers, {config.param_dtype})")
 
 

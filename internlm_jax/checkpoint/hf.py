@@ -227,20 +227,54 @@ def dense_weight(leaf: Any, where: str) -> Any:
 
 
 def save_hf(path: str | os.PathLike, params: Params, config: ModelConfig, *, tokenizer_dir: str | os.PathLike | None
-            = None, max_shard_bytes: int = 2**30, dtype: Any = None, overwrite: bool = False,
-            progress: bool = True) -> None:
+            = None, source_dir: str | os.PathLike | None = None, max_shard_bytes: int = 2**30, dtype: Any = None,
+            overwrite: bool = False, progress: bool = True) -> None:
     """Write an HF InternLM2 folder: config.json, generation_config.json, tokenizer files (copied from
     `tokenizer_dir`), model-0000k-of-0000n.safetensors + model.safetensors.index.json.
+
+    source_dir: the HF folder these weights were loaded from. Its tokenizer files and the reference's remote
+    code (configuration_internlm2.py, modeling_internlm2.py, tokenization_internlm2*.py) are copied, and its
+    config.json's `auto_map` is kept, so `AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)`
+    opens the result. Tokenizer files from `tokenizer_dir`, when given too, win over the source's.
 
     Streams one layer of one leaf at a time to the host. Writes into a temporary folder beside `path` and
     renames it into place at the end, so a crash never leaves a half-written checkpoint at `path`.
     """
+    target = check_target(path, overwrite)
+    sources = copy_sources(source_dir, tokenizer_dir)
+    leaves, config = export_leaves(params, config, dtype)
+    planned = [plan_tensor(name, t.spec.hf_shape(config), leaves[t.spec.path], t, config)
+               for name, t in hf_tensors(config)]
+    hf_config = config.to_hf_config()
+    auto_map = _source_auto_map(source_dir)
+    if auto_map is not None:
+        hf_config["auto_map"] = auto_map
+    write_folder(target, planned, hf_config, config, sources, max_shard_bytes=max_shard_bytes, progress=progress)
+
+
+def check_target(path: str | os.PathLike, overwrite: bool) -> str:
+    """The absolute output folder, refused early (before any work) if it holds something and may not be replaced."""
     target = os.path.abspath(os.fspath(path))
     if os.path.exists(target) and not overwrite and (not os.path.isdir(target) or os.listdir(target)):
         raise CheckpointError(f"{target} already exists; choose a new folder or pass overwrite=True")
+    return target
+
+
+def copy_sources(source_dir: str | os.PathLike | None, tokenizer_dir: str | os.PathLike | None) -> list[str]:
+    """The folders whose tokenizer and remote-code files an export copies, in copy order (later wins)."""
+    if source_dir is not None and not os.path.isdir(source_dir):
+        raise CheckpointError(f"source_dir {os.fspath(source_dir)} is not a folder: pass the HF folder the weights "
+                              "were loaded from (it holds config.json and the tokenizer files), or None")
     if tokenizer_dir is not None and not os.path.exists(os.path.join(tokenizer_dir, "tokenizer.model")):
         raise CheckpointError(f"no tokenizer.model in {tokenizer_dir}: tokenizer_dir must be a folder holding the "
                               "tokenizer files (tokenizer.model, tokenizer_config.json)")
+    return [os.fspath(d) for d in (source_dir, tokenizer_dir) if d is not None]
+
+
+def export_leaves(params: Params, config: ModelConfig, dtype: Any
+                  ) -> tuple[dict[tuple[str, ...], Any], ModelConfig]:
+    """Every leaf of `params` as a plain array (by spec path), checked against the shapes `config` implies,
+    and the config with the export's storage dtype (`dtype`, default the params' own) as its param_dtype."""
     leaves = {s.path: dense_weight(_leaf(params, s), "/".join(s.path)) for s in SPECS}
     shapes = param_shapes(config)
     for spec in SPECS:
@@ -249,13 +283,25 @@ def save_hf(path: str | os.PathLike, params: Params, config: ModelConfig, *, tok
             raise CheckpointError(f"param {'/'.join(spec.path)} has shape {list(got)}, but the config expects "
                                   f"{list(want)}: the params do not belong to this config")
     out_dtype = _resolve_dtype(dtype, leaves[("embed",)].dtype)
-    config = config.replace(param_dtype=out_dtype.name)
+    return leaves, config.replace(param_dtype=out_dtype.name)
 
-    planned = [PlannedTensor(name, t.spec.hf_shape(config), out_dtype,
-                             functools.partial(_produce, leaves[t.spec.path], t, config, out_dtype))
-               for name, t in hf_tensors(config)]
+
+def plan_tensor(name: str, shape: tuple[int, ...], leaf: Any, target: Target, config: ModelConfig
+                ) -> PlannedTensor:
+    """One tensor to write: `target.spec.to_hf` of `leaf` (of its layer, if stacked) in config.param_dtype,
+    gathered to the host only when the writer reaches it."""
+    dtype = jnp.dtype(config.param_dtype)
+    return PlannedTensor(name, tuple(shape), dtype, functools.partial(_produce, leaf, target, config, dtype))
+
+
+def write_folder(target: str, planned: list[PlannedTensor], hf_config: dict[str, Any], config: ModelConfig,
+                 sources: list[str], *, max_shard_bytes: int, progress: bool,
+                 file_names: tuple[str, ...] = TOKENIZER_FILES + REMOTE_CODE_FILES) -> None:
+    """Write `planned` as sharded safetensors with their index, `hf_config` as config.json, a
+    generation_config.json, and the `file_names` present in each of `sources` (later folders win), into a
+    temporary folder renamed to `target` at the end. Every process gathers (collectives); process 0 writes."""
     shards = plan_shards(planned, max_shard_bytes)
-    writer = jax.process_index() == 0  # every process gathers (collectives), one writes
+    writer = jax.process_index() == 0
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=parent) if writer else os.devnull
@@ -273,10 +319,10 @@ def save_hf(path: str | os.PathLike, params: Params, config: ModelConfig, *, tok
         if writer:
             _write_json(os.path.join(tmp, "model.safetensors.index.json"),
                         {"metadata": {"total_size": sum(t.nbytes for t in planned)}, "weight_map": weight_map})
-            _write_json(os.path.join(tmp, "config.json"), config.to_hf_config())
-            _write_generation_config(tmp, config, tokenizer_dir)
-            if tokenizer_dir is not None:
-                _copy_tokenizer(os.fspath(tokenizer_dir), tmp)
+            _write_json(os.path.join(tmp, "config.json"), hf_config)
+            _write_generation_config(tmp, config, sources)  # a generation_config.json among the sources wins
+            for src in sources:
+                _copy_files(src, tmp, file_names)
             _move_into_place(tmp, target)
     except BaseException:
         if writer:
@@ -284,8 +330,16 @@ def save_hf(path: str | os.PathLike, params: Params, config: ModelConfig, *, tok
         raise
     if progress and writer:
         total = sum(t.nbytes for t in planned)
-        tqdm.write(f"saved {_count(config.num_params())} params ({total / 2**30:.2f} GiB {out_dtype.name}) "
+        tqdm.write(f"saved {_count(config.num_params())} params ({total / 2**30:.2f} GiB {config.param_dtype}) "
                    f"in {n} shard(s) to {target} in {time.perf_counter() - start:.1f}s")
+
+
+def _source_auto_map(source_dir: str | os.PathLike | None) -> dict[str, Any] | None:
+    if source_dir is None:
+        return None
+    source_config = _read_config_json(os.fspath(source_dir), required=False)
+    auto_map = (source_config or {}).get("auto_map")
+    return auto_map if isinstance(auto_map, dict) else None
 
 
 def _leaf(params: Params, spec: LeafSpec) -> Any:
@@ -331,22 +385,22 @@ def _write_json(path: str, obj: Any) -> None:
         f.write("\n")
 
 
-def _write_generation_config(folder: str, config: ModelConfig, tokenizer_dir: Any) -> None:
+def _write_generation_config(folder: str, config: ModelConfig, sources: list[str]) -> None:
     eos: list[int] = [config.eos_token_id]
-    if tokenizer_dir is not None:
-        tc_path = os.path.join(tokenizer_dir, "tokenizer_config.json")
-        if os.path.exists(tc_path):
-            with open(tc_path) as f:
-                decoder = json.load(f).get("added_tokens_decoder", {})
-            # Chat checkpoints also stop on <|im_end|>; its id comes from the tokenizer, never a constant.
-            eos += [int(i) for i, tok in decoder.items() if tok.get("content") == "<|im_end|>"]
+    tc_paths = [os.path.join(d, "tokenizer_config.json") for d in sources]
+    tc_paths = [p for p in tc_paths if os.path.exists(p)]
+    if tc_paths:
+        with open(tc_paths[-1]) as f:
+            decoder = json.load(f).get("added_tokens_decoder", {})
+        # Chat checkpoints also stop on <|im_end|>; its id comes from the tokenizer, never a constant.
+        eos += [int(i) for i, tok in decoder.items() if tok.get("content") == "<|im_end|>"]
     _write_json(os.path.join(folder, "generation_config.json"),
                 {"bos_token_id": config.bos_token_id, "eos_token_id": eos if len(eos) > 1 else eos[0],
                  "pad_token_id": config.pad_token_id})
 
 
-def _copy_tokenizer(src: str, dst: str) -> None:
-    for name in TOKENIZER_FILES + REMOTE_CODE_FILES:
+def _copy_files(src: str, dst: str, names: tuple[str, ...]) -> None:
+    for name in names:
         if os.path.exists(os.path.join(src, name)):
             shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
 

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,12 +43,13 @@ from internlm_jax.tokenizer import (
     IM_START,
     INTERPRETER,
     PLUGIN,
+    TokenizerError,
 )
 
 __all__ = ["ACTION_END", "ACTION_START", "BOS", "CHAT_SPECIAL_TOKENS", "DEFAULT_INTERPRETER_PROMPT", "EOS",
            "IM_END", "IM_START", "INTERPRETER", "INTERPRETER_TOOL_NAME", "PLUGIN", "STOP_WORDS",
-           "TOOL_STOP_WORDS", "StreamDelta", "StreamingParser", "TemplateError", "parse_completion", "render",
-           "render_training", "stop_words"]
+           "TOOL_STOP_WORDS", "Segment", "StreamDelta", "StreamingParser", "TemplateError", "encode_chat",
+           "encode_segments", "parse_completion", "render", "render_segments", "render_training", "stop_words"]
 
 STOP_WORDS: list[str] = [IM_END]
 TOOL_STOP_WORDS: list[str] = [IM_END, ACTION_END]
@@ -64,6 +65,21 @@ _ROLES = ("system", "user", "assistant", "tool", "environment")
 
 class TemplateError(ValueError):
     """Messages or tools that cannot be rendered; the message says which one and why."""
+
+
+Segment = tuple[str, bool]  # (text, is_control): a control segment is one special token of the template
+
+
+def _ctl(name: str) -> Segment:
+    return (name, True)
+
+
+def _txt(text: str) -> Segment:
+    return (text, False)
+
+
+def _join(segments: Iterable[Segment]) -> str:
+    return "".join(text for text, _ in segments)
 
 
 def stop_words(tools: bool = False) -> list[str]:
@@ -125,8 +141,8 @@ def _call_arguments(arguments: Any, where: str) -> Any:
     return arguments
 
 
-def _action_block(call: Any, where: str, interpreter: bool) -> tuple[str, bool]:
-    """One assistant tool call -> (action text, is_interpreter_call)."""
+def _action_block(call: Any, where: str, interpreter: bool) -> tuple[list[Segment], bool]:
+    """One assistant tool call -> (action segments, is_interpreter_call)."""
     if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
         raise TemplateError(
             f"{where} must be {{'type': 'function', 'function': {{'name': ..., 'arguments': ...}}}}")
@@ -139,16 +155,17 @@ def _action_block(call: Any, where: str, interpreter: bool) -> tuple[str, bool]:
         if not isinstance(params, dict) or not isinstance(params.get("code"), str):
             raise TemplateError(f"{where} calls the interpreter ({INTERPRETER_TOOL_NAME!r}) and needs "
                                 f"arguments {{'code': str}}, got {params!r}")
-        return f"{ACTION_START}{INTERPRETER}\n```python\n{params['code']}\n```{ACTION_END}", True
+        return [_ctl(ACTION_START), _ctl(INTERPRETER), _txt(f"\n```python\n{params['code']}\n```"),
+                _ctl(ACTION_END)], True
     body = json.dumps({"name": name, "parameters": params}, ensure_ascii=False)
-    return f"{ACTION_START}{PLUGIN}\n{body}{ACTION_END}", False
+    return [_ctl(ACTION_START), _ctl(PLUGIN), _txt(f"\n{body}"), _ctl(ACTION_END)], False
 
 
 @dataclass
 class _Turn:
     role: str
-    header: str  # "<|im_start|>role[ name=...]\n"
-    body: str
+    header: list[Segment]  # "<|im_start|>role[ name=...]\n"
+    body: list[Segment]
     loss: bool
 
 
@@ -182,7 +199,8 @@ def _turns(messages: Sequence[dict], tools: Sequence[Any] | None, interpreter: b
         content = m.get("content")
         if role in ("tool", "environment") and isinstance(content, dict):
             content = json.dumps(content, ensure_ascii=False)  # a structured tool result, as Lagent sends it
-        body = _text(content, where)
+        text = _text(content, where)
+        body = [_txt(text)] if text else []
         name = m.get("name")
         if role == "assistant" and m.get("tool_calls"):
             for j, call in enumerate(m["tool_calls"]):
@@ -194,13 +212,33 @@ def _turns(messages: Sequence[dict], tools: Sequence[Any] | None, interpreter: b
             answers_interp = name == "interpreter" or (name == INTERPRETER_TOOL_NAME and bool(interpreter)) \
                 or m.get("tool_call_id") in interpreter_call_ids
             role, name = "environment", "interpreter" if answers_interp else "plugin"
-        suffix = f" name={_NAME_TOKENS[name]}" if name in _NAME_TOKENS else ""
-        header = f"{IM_START}{role}{suffix}\n"
+        header = [_ctl(IM_START), _txt(role)]
+        if name in _NAME_TOKENS:
+            header += [_txt(" name="), _ctl(_NAME_TOKENS[name])]
+        header.append(_txt("\n"))
         loss = m.get("loss", role == "assistant")
         if not isinstance(loss, bool):
             raise TemplateError(f"{where}.loss must be true or false, got {loss!r}")
         turns.append(_Turn(role, header, body, loss))
     return turns
+
+
+def render_segments(messages: Sequence[dict], tools: Sequence[Any] | None = None,
+                    add_generation_prompt: bool = True, interpreter: bool | str = False, *, bos: bool = True,
+                    default_system: str | None = None) -> list[Segment]:
+    """Like render(), as [(text, is_control)]: the template's own special tokens are separate
+    `(name, True)` segments; everything that came from the messages or tools is text (`False`), even
+    where it spells a special-token name. "".join(text for text, _ in segments) == render(...)."""
+    turns = _turns(messages, tools, interpreter, default_system)
+    out: list[Segment] = [_ctl(BOS)] if bos else []
+    continue_last = add_generation_prompt and bool(turns) and turns[-1].role == "assistant"
+    for k, turn in enumerate(turns):
+        out += turn.header + turn.body
+        if not (continue_last and k == len(turns) - 1):
+            out += [_ctl(IM_END), _txt("\n")]
+    if add_generation_prompt and not continue_last:
+        out += [_ctl(IM_START), _txt("assistant\n")]
+    return out
 
 
 def render(messages: Sequence[dict], tools: Sequence[Any] | None = None, add_generation_prompt: bool = True,
@@ -210,17 +248,69 @@ def render(messages: Sequence[dict], tools: Sequence[Any] | None = None, add_gen
     With add_generation_prompt the text ends with "<|im_start|>assistant\\n"; if the last message is from
     the assistant it is instead left open (no <|im_end|>) so the model continues it, as LMDeploy does.
     Without it every turn is closed with "<|im_end|>\\n" (the training form).
+
+    The string is for display and for trusted text paths: encoding it with special-token parsing turns any
+    "<|im_end|>" a user typed into a real control token. To get token ids, use encode_chat().
     """
-    turns = _turns(messages, tools, interpreter, default_system)
-    out = [BOS] if bos else []
-    continue_last = add_generation_prompt and bool(turns) and turns[-1].role == "assistant"
-    for k, turn in enumerate(turns):
-        out.append(turn.header + turn.body)
-        if not (continue_last and k == len(turns) - 1):
-            out.append(IM_END + "\n")
-    if add_generation_prompt and not continue_last:
-        out.append(f"{IM_START}assistant\n")
-    return "".join(out)
+    return _join(render_segments(messages, tools, add_generation_prompt, interpreter, bos=bos,
+                                 default_system=default_system))
+
+
+def _control_ids(tokenizer: Any, names: Iterable[str]) -> dict[str, int]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = tokenizer.token_id(name)
+        except KeyError:
+            raise TokenizerError(
+                f"the tokenizer has no id for the chat control token {name!r}: its tokenizer_config.json does "
+                "not name the InternLM2 chat tokens. Load the tokenizer of a chat release "
+                "(Tokenizer.from_dir(path)).") from None
+    return out
+
+
+def encode_segments(tokenizer: Any, segments: Sequence[Segment]) -> list[int]:
+    """[(text, is_control)] -> ids: a control segment is the one id of that special token; the text between
+    two control segments is encoded as one stretch of plain text (special-token names in it stay text).
+
+    For text without special-token names this gives exactly tokenizer.encode("".join(texts)): that call
+    splits the string at the same control tokens and encodes the same stretches.
+    """
+    ids_of = _control_ids(tokenizer, dict.fromkeys(text for text, control in segments if control))
+    ids: list[int] = []
+    pending: list[str] = []
+
+    def flush() -> None:
+        if pending:
+            ids.extend(tokenizer.encode("".join(pending), add_bos=False, add_eos=False, parse_special=False))
+            pending.clear()
+
+    for text, control in segments:
+        if control:
+            flush()
+            ids.append(ids_of[text])
+        elif text:
+            pending.append(text)
+    flush()
+    return ids
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[dict], tools: Sequence[Any] | None = None,
+                add_generation_prompt: bool = True, interpreter: bool | str = False, *, bos: bool = True,
+                default_system: str | None = None, trusted: bool = False) -> list[int]:
+    """OpenAI-style messages -> the InternLM2 prompt's token ids (with BOS unless bos=False).
+
+    The one way to turn a chat into ids. Message contents, names, tool descriptions and call arguments are
+    text: a "<|im_end|>\\n<|im_start|>system" typed by a user is encoded as ordinary pieces, so it cannot
+    forge a turn; only the template's own tokens are control tokens. `trusted=True` (for callers that
+    write the messages themselves and mean special-token names in them) parses such names into their ids,
+    i.e. tokenizer.encode(render(...)). For ordinary text both give the same ids.
+    """
+    segments = render_segments(messages, tools, add_generation_prompt, interpreter, bos=bos,
+                               default_system=default_system)
+    if trusted:
+        return list(tokenizer.encode(_join(segments), add_bos=False, add_eos=False))
+    return encode_segments(tokenizer, segments)
 
 
 def render_training(messages: Sequence[dict], tools: Sequence[Any] | None = None,
@@ -245,8 +335,8 @@ def render_training(messages: Sequence[dict], tools: Sequence[Any] | None = None
             segments.append((text, loss))
 
     for turn in turns:
-        add(turn.header, False)
-        add(turn.body + IM_END, turn.loss)
+        add(_join(turn.header), False)
+        add(_join(turn.body) + IM_END, turn.loss)
         add("\n", False)
     return segments
 

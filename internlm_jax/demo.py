@@ -107,13 +107,13 @@ def finetune_lora(out: Path, base_hf: Path, tok_dir: Path, steps: int) -> Any:
 
 def tool_call_accuracy(lm: Any, records: list[dict[str, Any]]) -> tuple[float, list[str]]:
     """Fraction of held-out tool dialogues where the first assistant turn is exactly the expected call."""
-    from internlm_jax.chat import parse_completion, render
+    from internlm_jax.chat import encode_chat, parse_completion
 
     prompts, want = [], []
     for r in records:
         msgs = r["messages"]
         k = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        prompts.append(lm.tokenizer.encode(render(msgs[:k], tools=r.get("tools")), add_bos=False))
+        prompts.append(encode_chat(lm.tokenizer, msgs[:k], tools=r.get("tools")))
         call = msgs[k]["tool_calls"][0]["function"]
         want.append((call["name"], json.loads(call["arguments"])))
     stops = [lm.tokenizer.im_end_id, lm.tokenizer.action_end_id]

@@ -536,6 +536,15 @@ class IncrementalDetokenizer:
             return head + self._values[token_id]
         return head
 
+    def is_byte(self, token_id: int) -> bool:
+        """True for a byte-fallback piece ("<0xE4>"): its text may be held back until its character ends."""
+        return 0 <= token_id < self._n and self._kinds[token_id] == _BYTE
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of an unfinished character held back (pushed, not yet returned as text)."""
+        return len(self._pending)
+
     def push_many(self, token_ids: Iterable[int]) -> str:
         return "".join(self.push(int(t)) for t in token_ids)
 

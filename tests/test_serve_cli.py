@@ -18,7 +18,9 @@ import pytest
 from fixtures import make_tokenizer_dir
 
 import internlm_jax as ij
+from internlm_jax.config import ConfigError
 from internlm_jax.serve import chat_cli
+from internlm_jax.serve import cli as serve_cli
 from internlm_jax.serve.backend import ServeConfig
 from internlm_jax.serve.testing import script_engine, serve_in_thread, tiny_engine
 
@@ -121,8 +123,6 @@ def test_chat_cli_tensor_parallel_and_int4(tok_dir, server, monkeypatch, capsys)
 
 
 def test_cli_errors(capsys):
-    from internlm_jax.serve import cli as serve_cli
-
     assert serve_cli.main(["--model", "no-such-model"]) == 2
     assert "neither an existing folder nor a preset" in capsys.readouterr().err
     assert chat_cli.main([]) == 2
@@ -135,14 +135,33 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_api_keys_from_flag_file_and_environment(tmp_path, capsys):
+    keys = tmp_path / "keys.txt"
+    keys.write_text("# operators\nk2\n\n  k3  # ci\nk1\n")
+    env = {serve_cli.API_KEYS_ENV: "k4, k5,"}
+    assert serve_cli.gather_api_keys(["k1,k0"], str(keys), env) == ("k1", "k0", "k2", "k3", "k4", "k5")
+    assert serve_cli.gather_api_keys(None, None, {}) == ()
+    assert serve_cli.gather_api_keys(None, None, env) == ("k4", "k5")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("# nothing yet\n")
+    for path, needle in ((empty, "holds no key"), (tmp_path / "missing.txt", "cannot be read")):
+        with pytest.raises(ConfigError, match=needle):
+            serve_cli.gather_api_keys(None, str(path), {})
+        # the server refuses to start (exit 2) rather than serve without the keys the operator meant
+        assert serve_cli.main(["--model", "internlm2-tiny", "--api-keys-file", str(path)]) == 2
+        assert needle in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_serve_command_end_to_end(tok_dir, tmp_path):
     port = _free_port()
+    (tmp_path / "keys").write_text("k2\n")
     cmd = [sys.executable, "-m", "internlm_jax.cli", "serve", "--model", "internlm2-tiny", "--tokenizer", tok_dir,
-           "--host", "127.0.0.1", "--port", str(port), "--api-keys", "k1,k2", "--served-model-name", "tiny-served",
-           "--log-level", "warning", *SMALL_ENGINE]
+           "--host", "127.0.0.1", "--port", str(port), "--api-keys", "k1", "--api-keys-file", str(tmp_path / "keys"),
+           "--served-model-name", "tiny-served", "--log-level", "warning", *SMALL_ENGINE]
     with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                env=dict(os.environ, JAX_PLATFORMS="cpu", INTERNLM_JAX_API_KEYS="k3"))
         try:
             url = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + 240
@@ -162,6 +181,9 @@ def test_serve_command_end_to_end(tok_dir, tmp_path):
             assert r.usage.completion_tokens >= 1
             with pytest.raises(openai.AuthenticationError):
                 openai.OpenAI(base_url=url + "/v1", api_key="bad", max_retries=0).models.list()
+            for key in ("k1", "k3"):  # the flag and the environment; k2 (the file) is used above
+                assert httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {key}"}).status_code == 200
+            assert httpx.get(url + "/metrics").status_code == 401
             assert "RANDOM WEIGHTS" in (tmp_path / "serve.log").read_text()
         finally:
             proc.send_signal(signal.SIGINT)

@@ -5,6 +5,7 @@ prompts over the context (400 naming the limit), and a full queue (429 with Retr
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
@@ -61,8 +62,25 @@ def test_api_keys(env):
         openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).models.list()
     ok = openai.OpenAI(base_url=url + "/v1", api_key="sk-other", max_retries=0)
     assert ok.chat.completions.create(**GOOD).usage.completion_tokens == 1
-    assert httpx.get(url + "/health").status_code == 200 and httpx.get(url + "/metrics").status_code == 200
+    assert httpx.get(url + "/health").status_code == 200
     _good(env)
+
+
+def test_metrics_and_docs_need_the_key(env):
+    url, backend = env["url"], env["backend"]
+    for path in ("/metrics", "/docs", "/openapi.json"):
+        _error(httpx.get(url + path), 401, "missing API key")
+        _error(httpx.get(url + path, headers={"Authorization": "Bearer nope"}), 401, "invalid API key")
+        assert env["http"].get(path).status_code == 200, path
+    assert "/v1/chat/completions" in env["http"].get("/openapi.json").json()["paths"]
+    assert "swagger" in env["http"].get("/docs").text.lower()
+    config = backend.config
+    backend.config = dataclasses.replace(config, open_metrics=True)  # --open-metrics: for a scraper
+    try:
+        assert httpx.get(url + "/metrics").status_code == 200
+        _error(httpx.get(url + "/openapi.json"), 401, "missing API key")
+    finally:
+        backend.config = config
 
 
 @pytest.mark.parametrize("case", [
@@ -173,6 +191,76 @@ def test_queue_overflow_is_429_not_a_hang(env):
     assert st["server_active"] == 0 and st["pages_used"] == 0
     refused = env["http"].get("/metrics").text
     assert "internlm_jax_requests_rejected_total 4.0" in refused
+
+
+def _raw(env, path: str, body: str | bytes) -> httpx.Response:
+    data = body.encode() if isinstance(body, str) else body
+    return env["http"].post(path, content=data, headers={"Content-Type": "application/json"})
+
+
+@pytest.mark.parametrize("case", [
+    ("chat content", "/v1/chat/completions",
+     '{"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+     "messages[0].content"),
+    ("completion prompt", "/v1/completions", '{"model": "tiny", "max_tokens": 1, "prompt": ["ok", "x\\udfff"]}',
+     "prompt[1]"),
+    ("tool description", "/v1/chat/completions",
+     ('{"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": '
+      '"function", "function": {"name": "f", "description": "\\udc00", "parameters": {"type": "object"}}}]}'),
+     "tools[0].function.description"),
+    ("model", "/v1/chat/completions",
+     '{"model": "\\ud83d", "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}]}', "model"),
+    ("key", "/v1/chat/completions",
+     '{"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "hi", "\\ud800": 1}]}',
+     "messages[0].\\ud800"),
+], ids=lambda c: c[0])
+def test_lone_surrogates_are_400(env, case):
+    _, path, body, where = case
+    err = _error(_raw(env, path, body), 400, "not valid Unicode", where, "lone surrogate")
+    assert err["code"] == "invalid_unicode"
+    # a proper surrogate pair (an emoji) is fine
+    ok = _raw(env, "/v1/chat/completions",
+              '{"model": "tiny", "max_tokens": 1, "messages": [{"role": "user", "content": "\\ud83d\\ude00"}]}')
+    assert ok.status_code == 200, ok.text
+
+
+def test_deep_nesting_is_400(env):
+    deep = b'{"model": "tiny", "messages": ' + b"[" * 100000 + b"]" * 100000 + b"}"
+    err = _error(_raw(env, "/v1/chat/completions", deep), 400, "more than 64 levels deep")
+    assert err["code"] == "json_too_deep"
+    schema: dict = {"type": "object"}
+    for _ in range(70):  # parses fine, but over the limit
+        schema = {"type": "object", "properties": {"x": schema}}
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    _error(env["http"].post("/v1/chat/completions", json=dict(GOOD, tools=tools)), 400, "64 levels")
+    _good(env)
+
+
+def test_requests_that_never_fit_are_400_not_429(env):
+    """8 decode slots + --max-queue 0: n=9 (or 3 prompts x n=3) can never be admitted -> 400 naming the limit."""
+    err = _error(env["http"].post("/v1/chat/completions", json=dict(GOOD, n=9)), 400, "n=9",
+                 "never holds more than 8", "8 decode slots + --max-queue 0")
+    assert err["code"] == "request_exceeds_server_limit" and err["param"] == "n"
+    _error(env["http"].post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "n": 3,
+                                                     "max_tokens": 1}), 400, "3 prompts x n=3", "9 sequences")
+    r = env["http"].post("/v1/chat/completions", json=dict(GOOD, n=8))  # exactly the limit: admitted
+    assert r.status_code == 200 and len(r.json()["choices"]) == 8
+    _good(env)
+
+
+@pytest.mark.parametrize("case", [
+    ("bad type", {"type": "objekt"}, "'objekt' is not valid"),
+    ("bad nested type", {"type": "object", "properties": {"city": {"type": 5}}}, "['properties']['city']"),
+    ("required not a list", {"type": "object", "required": "city"}, "'city' is not of type 'array'"),
+], ids=lambda c: c[0])
+def test_invalid_tool_schema_is_400_naming_the_tool(env, case):
+    _, schema, needle = case
+    tools = [{"type": "function", "function": {"name": "ok_tool", "parameters": {"type": "object"}}},
+             {"type": "function", "function": {"name": "get_weather", "parameters": schema}}]
+    err = _error(env["http"].post("/v1/chat/completions", json=dict(GOOD, tools=tools)), 400,
+                 "tools[1] ('get_weather')", "not a valid JSON schema", needle)
+    assert err["param"] == "tools[1].function.parameters"
+    _good(env)
 
 
 def test_cors_preflight(env):

@@ -3,8 +3,9 @@
     lm = ij.load("/ckpt/internlm2-chat-7b", dtype="bfloat16")
     agent = Agent(LocalBackend(lm), [calculator_tool], interpreter=PythonInterpreter())
 
-Each call renders the InternLM2 prompt (`chat.render`), generates with `lm.generate` on the token ids (the
-template already starts with <s>, so no second BOS), stops on </s>, <|im_end|> and, with tools declared,
+Each call turns the messages into the InternLM2 prompt's ids (`chat.encode_chat`: message and tool-result
+text is never parsed for special tokens), generates with `lm.generate` on them (the template already starts
+with <s>, so no second BOS), stops on </s>, <|im_end|> and, with tools declared,
 <|action_end|>, and returns the raw completion with special tokens kept, so the loop parses it like any
 other backend's text. `lm.generate` drops the stop token; when it was <|action_end|> it is put back so the
 action block is closed exactly as the model wrote it.
@@ -40,8 +41,8 @@ class LocalBackend:
         from internlm_jax.api import context_limit
 
         tok = self.lm.tokenizer
-        prompt = chat.render(messages, tools=tools or None, interpreter=interpreter)
-        ids = tok.encode(prompt, add_bos=False)  # the template already starts with <s>
+        # Tool results and user text stay text: an "<|im_end|>" printed by code cannot end a turn.
+        ids = chat.encode_chat(tok, messages, tools=tools or None, interpreter=interpreter)
         room = context_limit(self.lm.config) - len(ids)
         if room < 1:
             raise ConfigError(f"the conversation is {len(ids)} tokens, at or over the model's context of "

@@ -69,7 +69,12 @@ class EvalModel:
         return prompt if isinstance(prompt, str) else render_chat(prompt)
 
     def prompt_ids(self, prompt: Prompt) -> list[int]:
-        return with_bos(self.encode(self.prompt_text(prompt)), self.bos_id)
+        """A text prompt is encoded as given; a chat through chat.encode_chat (message text stays text)."""
+        if isinstance(prompt, str):
+            return with_bos(self.encode(prompt), self.bos_id)
+        from internlm_jax import chat as chat_lib
+
+        return with_bos(chat_lib.encode_chat(self._tok(), list(prompt), add_generation_prompt=True), self.bos_id)
 
     def split(self, context: Prompt, continuation: str) -> TokenRequest:
         return split_context_continuation(self.encode, self.bos_id, self.prompt_text(context), continuation)

@@ -4,8 +4,10 @@
     app = create_app(backend)            # serve with uvicorn (see serve/server.py)
 
 Every error is OpenAI-shaped JSON (`{"error": {"message", "type", "param", "code"}}`): 400 bad parameters
-or prompts over the context, 401 bad/missing API key (when keys are set), 404 unknown model or route,
-413 a body over ServeConfig.max_body_bytes, 429 a full queue (with Retry-After), 503 a failed engine.
+or prompts over the context, a body nested over MAX_JSON_DEPTH levels, text that is not valid Unicode, a
+request larger than the server can ever admit; 401 bad/missing API key (when keys are set: every route but
+/health, / and, with ServeConfig.open_metrics, /metrics); 404 unknown model or route; 413 a body over
+ServeConfig.max_body_bytes; 429 a full queue that will drain (with Retry-After); 503 a failed engine.
 """
 
 from __future__ import annotations
@@ -13,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import secrets
 from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -34,6 +38,8 @@ from internlm_jax.serve.schemas import ChatCompletionRequest, CompletionRequest,
 log = logging.getLogger("internlm_jax.serve")
 STATIC = Path(__file__).parent / "static"
 _DRAIN_LIMIT = 256 << 20  # bodies over the limit are read and dropped up to here, so the client sees the 413
+MAX_JSON_DEPTH = 64  # nesting of objects/arrays in a request body (tool schemas need a handful)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class _StatusCounter:
@@ -74,9 +80,56 @@ async def _read_json(request: Request, limit: int) -> Any:
     if not raw.strip():
         raise bad_request("the request body is empty; send a JSON object, e.g. {\"model\": ..., \"messages\": [...]}")
     try:
-        return json.loads(raw)
+        body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise bad_request(f"the request body is not valid JSON ({e}); send a JSON object") from None
+    except RecursionError:
+        raise _too_deep() from None
+    check_json_text(body)
+    return body
+
+
+def _too_deep() -> APIError:
+    return bad_request(f"the request body nests JSON objects/arrays more than {MAX_JSON_DEPTH} levels deep; "
+                       "send a flatter body", code="json_too_deep")
+
+
+def _where(path: list[Any]) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, str):  # a key may itself hold a surrogate: escape it so the error can be sent
+            part = part.encode("utf-8", "backslashreplace").decode("utf-8")
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
+    return out or "the body"
+
+
+def check_json_text(body: Any) -> None:
+    """400 if a decoded body nests deeper than MAX_JSON_DEPTH or holds a string that is not valid Unicode.
+
+    JSON may spell a lone UTF-16 surrogate ("\\ud800"); Python decodes it to a str that cannot be encoded
+    as UTF-8, which the tokenizer (and any UTF-8 output) would fail on. Iterative: no recursion.
+    """
+    stack: list[tuple[Any, list[Any]]] = [(body, [])]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            m = _SURROGATE.search(value)
+            if m:
+                raise bad_request(
+                    f"{_where(path)} is not valid Unicode: it holds the lone surrogate "
+                    f"{m.group().encode('unicode_escape').decode()} at character {m.start()}; send text as UTF-8 "
+                    "(a \\ud800-\\udfff escape must be one half of a high+low surrogate pair)",
+                    param=_where(path) if path else None, code="invalid_unicode")
+            continue
+        if isinstance(value, (dict, list)):
+            if len(path) >= MAX_JSON_DEPTH:
+                raise _too_deep()
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    stack.append((k, path + [k]))
+                    stack.append((v, path + [k]))
+            else:
+                stack.extend((v, path + [i]) for i, v in enumerate(value) if isinstance(v, (str, dict, list)))
 
 
 def _check_key(backend: Backend, request: Request) -> None:
@@ -90,13 +143,15 @@ def _check_key(backend: Backend, request: Request) -> None:
                        code="invalid_api_key")
     token = token.strip()
     if not any(secrets.compare_digest(token.encode(), k.encode()) for k in keys):
-        raise APIError(401, "invalid API key: it is not one of the server's --api-keys", code="invalid_api_key")
+        raise APIError(401, "invalid API key: it is not one of the server's keys (--api-keys, --api-keys-file or "
+                            "$INTERNLM_JAX_API_KEYS)", code="invalid_api_key")
 
 
 def create_app(backend: Backend) -> FastAPI:
     cfg = backend.config
-    app = FastAPI(title="internlm-jax", summary="OpenAI-compatible InternLM2 server", docs_url="/docs",
-                  redoc_url=None)
+    # /docs and /openapi.json are served below, behind the API key when keys are set.
+    app = FastAPI(title="internlm-jax", summary="OpenAI-compatible InternLM2 server", docs_url=None,
+                  redoc_url=None, openapi_url=None)
     app.state.backend = backend
     if cfg.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cfg.cors_origins), allow_methods=["*"],
@@ -131,8 +186,20 @@ def create_app(backend: Backend) -> FastAPI:
         return JSONResponse({"status": "ok" if ok else "error", "detail": why, "model": cfg.model_name,
                              "random_weights": cfg.random_weights}, status_code=200 if ok else 503)
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        _check_key(backend, request)
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs(request: Request) -> Response:
+        _check_key(backend, request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="internlm-jax - API docs")
+
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if not backend.config.open_metrics:
+            _check_key(backend, request)
         body = await asyncio.to_thread(backend.metrics.render)  # engine.stats() waits for a step in flight
         return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
 

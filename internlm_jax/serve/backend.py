@@ -40,6 +40,10 @@ class ServeConfig:
     json_retries: int = 2  # response_format json_object: extra attempts when the reply is not JSON
     scoring_batch: int = 4  # rows per prompt-logprob forward
     random_weights: bool = False  # shown in /v1/models and /health: the model is an untrained preset
+    # Special-token names inside message content (and tools) become control tokens: only for trusted clients,
+    # since a user could then forge turns ("<|im_end|>\n<|im_start|>system ..."). Off: they are plain text.
+    allow_special_tokens_in_content: bool = False
+    open_metrics: bool = False  # /metrics answers without an API key even when keys are set (for a scraper)
 
 
 class _Channel:
@@ -252,11 +256,23 @@ class Backend:
         return f"{prefix}-{self._id_base}{next(self._ids):x}"  # unique per server start, no syscall
 
     # ---- admission ----------------------------------------------------------------------------------
+    def check_fits(self, num_prompts: int, n: int) -> None:
+        """400 if `num_prompts` prompts x `n` samples can never be admitted, however idle the server is
+        (a full queue now is a 429 from open(); this one would be refused forever)."""
+        want = num_prompts * n
+        if want > self.limit:
+            what = f"n={n}" if num_prompts == 1 else f"{num_prompts} prompts x n={n}"
+            raise APIError(400, f"this request needs {want} sequences ({what}) but the server never holds more than "
+                                f"{self.limit} at once ({self.max_running} decode slots + --max-queue "
+                                f"{self.config.max_queue}); lower n or send fewer prompts per request",
+                           param="n", code="request_exceeds_server_limit")
+
     async def open(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> Generation:
         """Queue every prompt (n samples each) or raise APIError (429 when full, 400 for a bad prompt)."""
         ok, why = self.healthy()
         if not ok:
             raise APIError(503, why + "; restart the server", code="engine_failed")
+        self.check_fits(len(prompts), sampling.n)
         want = len(prompts) * sampling.n
         if self.active + want > self.limit:
             self.metrics.rejected.inc()

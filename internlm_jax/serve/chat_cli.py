@@ -41,7 +41,7 @@ class LocalBackend:
         from internlm_jax.engine import SamplingParams
 
         tok, chat_lib = self.lm.tokenizer, self._chat
-        ids = tok.encode(chat_lib.render(messages, tools=self.tools), add_bos=False)
+        ids = chat_lib.encode_chat(tok, messages, tools=self.tools)
         room = self.engine.max_model_len - len(ids)
         if room < 1:
             raise ConfigError(f"the conversation has {len(ids)} tokens, over the context of "

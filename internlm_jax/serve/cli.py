@@ -10,8 +10,11 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Mapping
 
 from internlm_jax.config import ConfigError
+
+API_KEYS_ENV = "INTERNLM_JAX_API_KEYS"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +27,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to accept remote clients)")
     g.add_argument("--port", type=int, default=23333)
     g.add_argument("--api-keys", nargs="+", default=None,
-                   help="accepted keys (clients send 'Authorization: Bearer <key>'); space or comma separated")
+                   help="accepted keys (clients send 'Authorization: Bearer <key>'); space or comma separated. "
+                        f"Keys also come from --api-keys-file and ${API_KEYS_ENV} (comma separated); keeping them "
+                        "off the command line keeps them out of `ps`")
+    g.add_argument("--api-keys-file", default=None, metavar="PATH",
+                   help="a file of accepted keys, one per line ('#' starts a comment)")
+    g.add_argument("--open-metrics", action="store_true",
+                   help="serve /metrics without a key even when keys are set (for a Prometheus scraper); "
+                        "/docs and /openapi.json always need the key then")
+    g.add_argument("--allow-special-tokens-in-content", action="store_true",
+                   help="parse special-token names ('<|im_start|>' ...) inside chat messages and tools into "
+                        "control tokens. Only for trusted clients: anyone can then forge a system turn. "
+                        "Default: such names are plain text")
     g.add_argument("--served-model-name", default=None, help="the model id clients use (default: folder name)")
     g.add_argument("--cors-origins", default=None, help="comma-separated allowed origins, e.g. '*'")
     g.add_argument("--max-queue", type=int, default=256,
@@ -44,6 +58,32 @@ def _split(values: list[str] | None) -> tuple[str, ...]:
     return tuple(out)
 
 
+def gather_api_keys(cli_keys: list[str] | None, keys_file: str | None,
+                    environ: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """The accepted keys: --api-keys, the lines of --api-keys-file and ${API_KEYS_ENV}, in that order,
+    without repeats. ConfigError for a file that cannot be read or holds no key (an empty key file would
+    silently leave the server open)."""
+    keys = list(_split(cli_keys))
+    if keys_file is not None:
+        try:
+            with open(keys_file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--api-keys-file {keys_file!r} cannot be read ({e}); give a UTF-8 text file "
+                              "with one key per line") from None
+        from_file = [k for k in (line.split("#", 1)[0].strip() for line in lines) if k]
+        if not from_file:
+            raise ConfigError(f"--api-keys-file {keys_file!r} holds no key; put one key per line (or leave the "
+                              "flag out to serve without keys)")
+        for k in from_file:
+            if any(c.isspace() for c in k):
+                raise ConfigError(f"--api-keys-file {keys_file!r}: a key may not contain spaces; write one key "
+                                  "per line")
+        keys += from_file
+    keys += _split([(os.environ if environ is None else environ).get(API_KEYS_ENV, "")])
+    return tuple(dict.fromkeys(keys))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -58,23 +98,28 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--max-queue must be >= 0, got {args.max_queue}")
         if args.max_body_mb <= 0:
             raise ConfigError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
+        api_keys = gather_api_keys(args.api_keys, args.api_keys_file)
         lm, random_weights = load_lm(args)
         engine = build_engine(lm, args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"internlm-jax serve: {e}", file=sys.stderr)
         return 2
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
-    cfg = ServeConfig(model_name=name, api_keys=_split(args.api_keys), max_queue=args.max_queue,
+    cfg = ServeConfig(model_name=name, api_keys=api_keys, max_queue=args.max_queue,
                       max_body_bytes=int(args.max_body_mb * (1 << 20)), cors_origins=_split([args.cors_origins] if
                                                                                           args.cors_origins else []),
-                      json_retries=args.json_retries, random_weights=random_weights)
+                      json_retries=args.json_retries, random_weights=random_weights,
+                      allow_special_tokens_in_content=args.allow_special_tokens_in_content,
+                      open_metrics=args.open_metrics)
     backend = Backend(engine, lm.tokenizer, cfg)
     if args.warmup_scoring:
         backend.scorer.warmup()
         log.info("prompt-logprob forward compiled for %d shapes", backend.scorer.compiles)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_keys:
-        log.warning("listening on %s without --api-keys: anyone who can reach this port can use the model",
-                    args.host)
+        log.warning("listening on %s without API keys (--api-keys, --api-keys-file or $%s): anyone who can "
+                    "reach this port can use the model", args.host, API_KEYS_ENV)
+    if cfg.allow_special_tokens_in_content:
+        log.warning("--allow-special-tokens-in-content: clients can write control tokens (and forge turns)")
     log.info("serving %r on http://%s:%d (web chat at /, OpenAI API at /v1)%s", name, args.host, args.port,
              " [RANDOM WEIGHTS]" if random_weights else "")
     try:

@@ -1,6 +1,10 @@
 """POST /v1/chat/completions: messages -> InternLM2 template -> engine -> content / tool_calls (or SSE).
 
-Tools: `tools` render as InternLM2's plugin system turn (chat.render); with tools on, the reply is parsed
+Messages become ids with chat.encode_chat: their text (and the tools') is never parsed for special tokens,
+so a user cannot forge a turn, unless ServeConfig.allow_special_tokens_in_content trusts the clients.
+
+Tools: `tools` render as InternLM2's plugin system turn (chat.render); each `parameters` must be a valid JSON
+schema (checked with jsonschema, else 400 naming the tool); with tools on, the reply is parsed
 with chat.StreamingParser, so text that belongs to an action block never reaches `content`, and a completed
 block becomes a `tool_calls` entry (streamed as one delta per call, when its block closes). With tools the
 reply also stops at <|action_end|>. Any remaining special-token names are removed from `content`.
@@ -37,6 +41,7 @@ from internlm_jax.serve.schemas import (
     ChatCompletionRequest,
     check_max_tokens,
     check_sampling,
+    check_tool_schemas,
     response_format,
     stop_strings,
     tool_choice,
@@ -65,10 +70,12 @@ class ChatPlan:
             if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
                 raise bad_request(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {req.top_logprobs}",
                                   param="top_logprobs")
+        check_tool_schemas(req.tools)
         mode, fname = tool_choice(req)
         self.json_mode = response_format(req)
         self.schema = (req.response_format or {}).get("json_schema", {}).get("schema") \
             if self.json_mode == "json_schema" else None
+        backend.check_fits(1, req.n)
         tools = [t.function.model_dump(exclude_none=True) for t in req.tools] if req.tools and mode != "none" \
             else None
         messages = []
@@ -78,20 +85,22 @@ class ChatPlan:
                 d["role"] = "system"
             messages.append(d)
         try:
-            prompt = chat_lib.render(messages, tools=tools, add_generation_prompt=True)
+            # Message text stays text: a "<|im_start|>" typed by a user is not a control token (unless the
+            # operator trusts its clients with --allow-special-tokens-in-content).
+            ids = chat_lib.encode_chat(tok, messages, tools=tools, add_generation_prompt=True,
+                                       trusted=backend.config.allow_special_tokens_in_content)
         except chat_lib.TemplateError as e:
             raise bad_request(str(e), param="messages") from None
-        self.prefix = ""
-        if mode == "required":
-            self.prefix = f"{chat_lib.ACTION_START}{chat_lib.PLUGIN}\n"
-        elif mode == "function":
-            self.prefix = (f"{chat_lib.ACTION_START}{chat_lib.PLUGIN}\n"
-                           f'{{"name": {json.dumps(fname, ensure_ascii=False)}, "parameters": ')
+        prefix: list[chat_lib.Segment] = []
+        if mode in ("required", "function"):
+            prefix = [(chat_lib.ACTION_START, True), (chat_lib.PLUGIN, True), ("\n", False)]
+            if mode == "function":
+                prefix.append((f'{{"name": {json.dumps(fname, ensure_ascii=False)}, "parameters": ', False))
         elif self.json_mode != "text":
-            self.prefix = "{"
-        ids = tok.encode(prompt, add_bos=False)  # the template starts with <s> itself
-        if self.prefix:
-            ids += tok.encode(self.prefix, add_bos=False)
+            prefix = [("{", False)]
+        self.prefix = "".join(text for text, _ in prefix)
+        if prefix:
+            ids += chat_lib.encode_segments(tok, prefix)
         self.prompt_ids = ids
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         self.max_tokens = resolve_max_tokens(backend, len(ids), requested, "messages")

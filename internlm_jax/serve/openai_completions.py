@@ -89,10 +89,23 @@ class _Choice:
         self.sent_lp = 0
 
     def _offset_of(self, token_id: int) -> int:
-        """Character offset where this token's text starts in the choice's text (held bytes count later)."""
-        at = self._offset
-        if self._detok is not None:
-            self._offset += len(self._detok.push(token_id))
+        """Character offset where this token's text starts in the choice's text.
+
+        A byte-fallback piece belongs to the character its byte ends up in: the last one it let out, or the
+        held-back one that starts after them. Any other token starts after everything pushed before it,
+        including the U+FFFD of an unfinished byte run that the token ends (flushed first, so it counts).
+        """
+        det = self._detok
+        if det is None:
+            return self._offset
+        if not det.is_byte(token_id):
+            self._offset += len(det.flush())
+            at = self._offset
+            self._offset += len(det.push(token_id))
+            return at
+        out = det.push(token_id)
+        at = self._offset + len(out) - (1 if out and not det.held_bytes else 0)
+        self._offset += len(out)
         return at
 
     def on_event(self, ev: TokenEvent) -> str:
@@ -143,6 +156,8 @@ class CompletionPlan:
             self.echo_texts.append(tok.decode(ids, skip_special_tokens=req.skip_special_tokens)
                                    if (req.echo and tok is not None) else "")
         requested = 16 if req.max_tokens is None else req.max_tokens
+        if requested > 0:  # max_tokens 0 only scores the prompts: the engine is not used
+            backend.check_fits(len(self.prompts), req.n)
         for i, p in enumerate(self.prompts):
             if requested > 0:
                 resolve_max_tokens(backend, len(p), requested, "prompt")

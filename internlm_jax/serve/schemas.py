@@ -230,6 +230,23 @@ def response_format(req: ChatCompletionRequest) -> str:
     return kind
 
 
+def check_tool_schemas(tools: list[Tool] | None) -> None:
+    """400 naming the tool if a tool's `parameters` is not a valid JSON schema (its meta-schema's check)."""
+    import jsonschema
+
+    for i, tool in enumerate(tools or []):
+        schema = tool.function.parameters
+        if schema is None:
+            continue
+        try:
+            jsonschema.validators.validator_for(schema).check_schema(schema)
+        except jsonschema.SchemaError as e:
+            at = "".join(f"[{p!r}]" for p in e.absolute_path) or " (top level)"
+            raise bad_request(f"tools[{i}] ({tool.function.name!r}): 'parameters' is not a valid JSON schema: "
+                              f"{e.message} at parameters{at}; see https://json-schema.org",
+                              param=f"tools[{i}].function.parameters", code="invalid_tool_schema") from None
+
+
 def completion_prompts(prompt: Any) -> list[str | list[int]]:
     """prompt: a string, a list of strings, a list of token ids, or a list of token-id lists."""
     err = ("'prompt' must be a string, a list of strings, a list of token ids or a list of token-id lists, "
@@ -261,6 +278,7 @@ __all__ = [
     "CompletionRequest",
     "check_max_tokens",
     "check_sampling",
+    "check_tool_schemas",
     "completion_prompts",
     "parse_request",
     "response_format",

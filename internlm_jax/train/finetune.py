@@ -408,13 +408,13 @@ def chat_accuracy(params: Any, model: ModelConfig, tokenizer: Any, records: list
     prompt (InternLM2 template + generation prompt), the last assistant content is the reference.
     Returns (accuracy, [(answer, reference)])."""
     from internlm_jax.api import LM
-    from internlm_jax.chat import render
+    from internlm_jax.chat import encode_chat
 
     prompts, refs = [], []
     for r in records:
         msgs = r["messages"]
         k = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-        prompts.append(tokenizer.encode(render(msgs[:k], tools=r.get("tools")), add_bos=False))
+        prompts.append(encode_chat(tokenizer, msgs[:k], tools=r.get("tools")))
         refs.append(msgs[k]["content"])
     lm = LM(model, params, tokenizer)
     answers: list[str] = []

@@ -1,4 +1,9 @@
-"""The notebook-facing API: `ij.load`, `ij.init`, and the `LM` object (logits, generate, chat, save)."""
+"""The notebook-facing API: the `LM` object (logits, generate, chat, save). `ij.load` / `ij.init` live in
+`internlm_jax.loading`.
+
+`LM.generate` runs on the serving engine (`internlm_jax.engine`): the same forward, sampler and seeds as the
+server, so a prompt, seed and sampling settings give the same tokens in a notebook as over HTTP.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from internlm_jax import model as model_lib
-from internlm_jax.config import ConfigError, ModelConfig, PRESETS, get_preset
-from internlm_jax.sampling import sample
-from internlm_jax.sharding import named_sharding, tree_shardings, use_mesh
+from internlm_jax.config import ConfigError, ModelConfig
+from internlm_jax.sharding import named_sharding, use_mesh
 
 
 @dataclasses.dataclass
@@ -36,11 +40,17 @@ def _bucket(n: int, minimum: int = 16) -> int:
     return b
 
 
-def context_limit(config: ModelConfig) -> int:
-    """Longest sequence the model is meant to see: max_position_embeddings, times the NTK factor if any."""
+def trained_context(config: ModelConfig) -> int:
+    """The context the model was trained for: max_position_embeddings, times the RoPE scaling factor if any."""
     if config.rope_scaling is not None:
         return int(config.max_position_embeddings * max(config.rope_scaling[1], 1.0))
     return config.max_position_embeddings
+
+
+def context_limit(config: ModelConfig) -> int:
+    """Longest sequence the model may see: `max_context` when set (ij.load(..., max_context=N)), else the
+    trained context."""
+    return config.max_context if config.max_context is not None else trained_context(config)
 
 
 class LM:
@@ -51,6 +61,8 @@ class LM:
         self.params = params
         self.tokenizer = tokenizer
         self.mesh = mesh
+        self.source_dir: str | None = None  # the checkpoint folder it was loaded from (save copies its extras)
+        self._engine: Any = None
 
     def __repr__(self) -> str:
         c = self.config
@@ -90,85 +102,108 @@ class LM:
             raise ConfigError("empty prompt: give at least one token (a string prompt gets BOS automatically)")
         return out
 
+    def _check_context(self, n: int, what: str) -> None:
+        limit = context_limit(self.config)
+        if n > limit:
+            raise ConfigError(f"{what} of {n} tokens exceeds the model's context of {limit} tokens; shorten it, or "
+                              f"allow more with ij.load(path, max_context=N) (beyond {trained_context(self.config)}"
+                              " tokens the model extrapolates)")
+
     # ---- public API --------------------------------------------------------------------------------
     def logits(self, token_ids: Sequence[Sequence[int]] | Sequence[int]) -> list[np.ndarray] | np.ndarray:
         """fp32 logits [T, V] per sequence (a list for a batch; one array for a single list of ids)."""
         single = len(token_ids) > 0 and isinstance(token_ids[0], (int, np.integer))
         seqs = self._encode([token_ids] if single else token_ids)
-        limit = context_limit(self.config)
         longest = max(len(s) for s in seqs)
-        if longest > limit:
-            raise ConfigError(f"sequence of {longest} tokens exceeds the model's context of {limit} tokens")
+        self._check_context(longest, "a sequence")
         t = _bucket(longest)
         tokens = np.full((len(seqs), t), self.config.pad_token_id, np.int32)
+        positions = np.full((len(seqs), t), -1, np.int32)
         for i, s in enumerate(seqs):
-            tokens[i, : len(s)] = s  # right padding: causal attention keeps real tokens blind to it
-        logits, _ = self._run(self._forward, self.params, jnp.asarray(tokens), config=self.config)
+            # Right padding, at position -1: causal attention keeps real tokens blind to it, and each row's
+            # rotary length (dynamic NTK) is its own true length, never the padded bucket's.
+            tokens[i, : len(s)] = s
+            positions[i, : len(s)] = np.arange(len(s))
+        logits, _ = self._run(self._forward, self.params, jnp.asarray(tokens), jnp.asarray(positions),
+                              config=self.config)
         logits = np.asarray(logits)
         out = [logits[i, : len(s)] for i, s in enumerate(seqs)]
         return out[0] if single else out
 
+    def engine(self, slots: int = 1, max_len: int = 0) -> Any:
+        """The engine `generate` runs on, sized for at least `slots` sequences of `max_len` tokens (grown,
+        never shrunk; it follows `lm.params` when they are replaced)."""
+        from internlm_jax.engine import Engine, EngineConfig
+
+        eng = self._engine
+        if eng is not None and eng.params_source is not self.params:
+            try:
+                eng.update_params(self.params)
+            except ConfigError:  # another weight type (e.g. quantized since): build a new engine
+                eng = self._engine = None
+        if (eng is None or eng.config != self.config or eng.engine_config.max_num_seqs < slots
+                or eng.max_model_len < max_len):
+            slots = max(slots, eng.engine_config.max_num_seqs if eng is not None else 1)
+            max_len = max(max_len, eng.max_model_len if eng is not None else 0)
+            slots, max_len = _bucket(slots, 1), _bucket(max_len, 64)
+            page = 16
+            ec = EngineConfig(page_size=page, num_pages=slots * -(-max_len // page), max_num_seqs=slots,
+                              max_model_len=max_len, max_num_batched_tokens=max(512, 2 * slots),
+                              max_prefill_rows=min(4, slots), warmup=False,
+                              eos_token_ids=(self.config.eos_token_id,))
+            self._engine = eng = Engine(self.params, self.config, ec, tokenizer=self.tokenizer, mesh=self.mesh)
+        return eng
+
     def generate(self, prompts: str | Sequence[str] | Sequence[Sequence[int]], max_new_tokens: int = 64, *,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
                  stop: Sequence[str] | None = None, stop_token_ids: Sequence[int] | None = None,
-                 return_details: bool = False) -> list[str] | list[Generation]:
-        """Batched, KV-cached generation. Greedy at temperature 0. Stops on EOS, stop ids, or stop strings."""
+                 return_details: bool = False, **sampling: Any) -> list[str] | list[list[int]] | list[Generation]:
+        """Batched generation on the engine. Greedy at temperature 0. Stops on EOS (and `<|im_end|>` when the
+        tokenizer has it), stop ids, or stop strings. Every prompt is sampled with `seed`, as a server request
+        with that seed would be. Other `SamplingParams` fields (min_p, repetition_penalty, ...) pass through.
+        Returns texts, or token-id lists when the model has no tokenizer (or `Generation`s with details)."""
+        from internlm_jax.sampling import SamplingParams
+
         if max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-            raise ConfigError(f"invalid sampling: temperature={temperature} (>= 0), top_p={top_p} (0 < p <= 1), "
-                              f"top_k={top_k} (>= 0)")
         seqs = self._encode(prompts)
-        limit = context_limit(self.config)
         longest = max(len(s) for s in seqs)
-        if longest + max_new_tokens > limit:
-            raise ConfigError(f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds the model's "
-                              f"context of {limit} tokens; shorten the prompt or lower max_new_tokens")
-        stops = set(stop_token_ids or [])
-        stops.add(self.config.eos_token_id)
-        if self.tokenizer is not None:
-            im_end = getattr(self.tokenizer, "im_end_id", None)
-            if im_end is not None:
-                stops.add(int(im_end))
-        b = len(seqs)
-        tp = _bucket(longest)
-        new = _bucket(max_new_tokens, 8)
-        tokens = np.full((b, tp), self.config.pad_token_id, np.int32)
-        positions = np.full((b, tp), -1, np.int32)
-        for i, s in enumerate(seqs):  # left padding; padded slots get position -1 and are never attended
-            tokens[i, tp - len(s):] = s
-            positions[i, tp - len(s):] = np.arange(len(s))
-        stop_arr = np.full((max(8, _bucket(len(stops), 8)),), -1, np.int32)
-        stop_arr[: len(stops)] = sorted(stops)
-        out = self._run(_generate_jit, self.params, jnp.asarray(tokens), jnp.asarray(positions),
-                        jax.random.key(seed), jnp.asarray(stop_arr), jnp.float32(temperature),
-                        jnp.float32(top_p), jnp.int32(top_k), config=self.config, max_new=new,
-                        cache_len=tp + new)
-        out = np.asarray(out)[:, :max_new_tokens]
+        self._check_context(longest + max_new_tokens, f"a prompt of {longest} tokens + max_new_tokens")
+        stops = set(int(t) for t in (stop_token_ids or []))
+        im_end = getattr(self.tokenizer, "im_end_id", None)
+        if not sampling.get("ignore_eos", False):
+            stops.update(int(t) for t in (self.config.eos_token_id, im_end) if t is not None)
+        params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                seed=seed, stop_token_ids=tuple(sorted(stops)),
+                                stop=tuple(stop or ()) if self.tokenizer is not None else (), **sampling)
+        outs = self._run(self.engine(len(seqs), longest + max_new_tokens).generate, seqs, params)
         results = []
-        for i, s in enumerate(seqs):
-            ids = out[i].tolist()
-            reason, stopped_on = "length", None
-            for j, t in enumerate(ids):
-                if t in stops:
-                    ids, reason, stopped_on = ids[:j], "stop", int(t)
-                    break
+        for s, out in zip(seqs, outs):
+            ids = list(out.outputs[0].token_ids)
+            reason = out.outputs[0].finish_reason or "length"
+            stopped_on = None
+            if ids and ids[-1] in stops and reason == "stop":
+                stopped_on = ids.pop()
             text = self.tokenizer.decode(ids) if self.tokenizer is not None else ""
             if stop and self.tokenizer is not None:
                 cut = min((text.find(x) for x in stop if x and x in text), default=-1)
                 if cut >= 0:
                     text, reason = text[:cut], "stop"
             results.append(Generation(text, ids, reason, len(s), stopped_on))
-        return results if return_details else [r.text for r in results]
+        if return_details:
+            return results
+        return [r.text for r in results] if self.tokenizer is not None else [r.token_ids for r in results]
 
     def chat(self, messages: Sequence[dict[str, Any]], tools: Sequence[dict[str, Any]] | None = None,
-             max_new_tokens: int = 256, **kwargs: Any) -> dict[str, Any]:
-        """One assistant turn: {"role": "assistant", "content": str, "tool_calls": [...] (if any)}."""
+             max_new_tokens: int = 256, *, trusted: bool = False, **kwargs: Any) -> dict[str, Any]:
+        """One assistant turn: {"role": "assistant", "content": str, "tool_calls": [...] (if any)}.
+
+        Message content is text: special-token strings typed in it stay text (no forged turns) unless
+        `trusted=True`."""
         from internlm_jax import chat as chat_lib
 
         tok = self._need_tokenizer()
-        prompt = chat_lib.render(list(messages), tools=tools, add_generation_prompt=True)
-        ids = tok.encode(prompt, add_bos=False)  # the template already starts with <s>
+        ids = chat_lib.encode_chat(tok, list(messages), tools=tools, add_generation_prompt=True, trusted=trusted)
         stop_ids = [tok.im_end_id]
         if tools:
             stop_ids.append(tok.token_id("<|action_end|>"))
@@ -183,130 +218,18 @@ class LM:
         return msg
 
     def save(self, path: str | os.PathLike, tokenizer_dir: str | None = None) -> None:
-        """Write an HF InternLM2 folder (config.json, sharded safetensors, tokenizer files)."""
+        """Write an HF InternLM2 folder (config.json, sharded safetensors, tokenizer files), with the source
+        folder's tokenizer and remote-code files when it was loaded from one."""
         from internlm_jax.checkpoint.hf import save_hf
 
         if tokenizer_dir is None and self.tokenizer is not None:
             tokenizer_dir = getattr(self.tokenizer, "source_dir", None)
-        save_hf(path, self.params, self.config, tokenizer_dir=tokenizer_dir)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "max_new", "cache_len"))
-def _generate_jit(params, tokens, positions, key, stop_ids, temperature, top_p, top_k, *, config: ModelConfig,
-                  max_new: int, cache_len: int):
-    """Prefill the left-padded prompts, then decode `max_new` tokens with a while loop that ends when every
-    row has produced a stop token."""
-    b = tokens.shape[0]
-    cache = model_lib.init_cache(config, b, cache_len)
-    logits, cache = model_lib.forward(params, tokens, positions, config=config, cache=cache)
-    temp = jnp.full((b,), temperature)
-    tp_ = jnp.full((b,), top_p)
-    tk = jnp.full((b,), top_k)
-    next_pos = positions[:, -1] + 1
-    key, sub = jax.random.split(key)
-    first = sample(logits[:, -1], sub, temp, tk, tp_)
-    out = jnp.zeros((b, max_new), jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, stop_ids)
-
-    def cond(state):
-        i, _, _, _, _, done, _ = state
-        return (i < max_new) & ~jnp.all(done)
-
-    def body(state):
-        i, cache, tok, pos, out, done, key = state
-        logits, cache = model_lib.forward(params, tok[:, None], pos[:, None], config=config, cache=cache)
-        key, sub = jax.random.split(key)
-        nxt = sample(logits[:, -1], sub, temp, tk, tp_)
-        nxt = jnp.where(done, stop_ids[0], nxt)
-        out = out.at[:, i].set(nxt)
-        done = done | jnp.isin(nxt, stop_ids)
-        return i + 1, cache, nxt, pos + 1, out, done, key
-
-    state = (jnp.int32(1), cache, first, next_pos, out, done, key)
-    _, _, _, _, out, done, _ = jax.lax.while_loop(cond, body, state)
-    return out
-
-
-# ---- loading -------------------------------------------------------------------------------------------
-def _place(params: Any, config: ModelConfig, mesh: Mesh | None) -> Any:
-    if mesh is None:
-        return params
-    shardings = tree_shardings(mesh, model_lib.param_axes(config), params)
-    return jax.device_put(params, shardings)
-
-
-def init(preset: str | ModelConfig = "internlm2-tiny", seed: int = 0, *, dtype: str | None = None,
-         mesh: Mesh | None = None, tokenizer: Any = None, **overrides: Any) -> LM:
-    """Random weights for a preset (or a ModelConfig): for tests, demos and shape checks."""
-    config = preset if isinstance(preset, ModelConfig) else get_preset(preset)
-    if dtype is not None:
-        overrides.setdefault("dtype", dtype)
-        overrides.setdefault("param_dtype", dtype)
-    if overrides:
-        config = config.replace(**overrides)
-    if mesh is not None:
-        shardings = tree_shardings(mesh, model_lib.param_axes(config), model_lib.param_shapes(config))
-        params = jax.jit(model_lib.init_params, static_argnums=0, out_shardings=shardings)(config, jax.random.key(seed))
-    else:
-        params = jax.jit(model_lib.init_params, static_argnums=0)(config, jax.random.key(seed))
-    if isinstance(tokenizer, (str, os.PathLike)):
-        from internlm_jax.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_dir(tokenizer)
-    return LM(config, params, tokenizer, mesh)
-
-
-def load(path_or_preset: str | os.PathLike, *, dtype: str | None = None, mesh: Mesh | None = None,
-         tokenizer: str | os.PathLike | Any | None = None, **overrides: Any) -> LM:
-    """Load an InternLM2 HF folder or one of our orbax checkpoints (optionally onto a mesh).
-
-    `dtype` sets both the compute and the storage dtype ("bfloat16" halves memory); other ModelConfig fields
-    (remat, attention_impl, ...) can be overridden by keyword.
-    """
-    path = os.fspath(path_or_preset)
-    if dtype is not None:
-        overrides.setdefault("dtype", dtype)
-        overrides.setdefault("param_dtype", dtype)
-    if not os.path.exists(path):
-        if path in PRESETS:
-            raise ConfigError(
-                f"{path!r} is a model preset, not a checkpoint: no weights come with it. Download the HF "
-                f"checkpoint folder (config.json, tokenizer.model, *.safetensors) and call ij.load('/path/to/{path}'), "
-                f"or use ij.init({path!r}) for random weights.")
-        raise ConfigError(f"no checkpoint at {path!r}: give an InternLM2 HF folder (with config.json) or an "
-                          f"internlm-jax orbax checkpoint folder")
-    from internlm_jax.quant.io import is_quantized_checkpoint, load_quantized_lm
-
-    if is_quantized_checkpoint(path):  # `internlm-jax quantize` output: int4 weights + manifest
-        lm = load_quantized_lm(path, tokenizer=tokenizer)
-        if mesh is not None:
-            raise ConfigError("loading a quantized checkpoint onto a mesh is not supported yet; load it on one "
-                              "device, or load the original weights with mesh=... and quantize")
-        return LM(lm.config.replace(**overrides) if overrides else lm.config, lm.params, lm.tokenizer, None)
-    if os.path.exists(os.path.join(path, "config.json")):
-        from internlm_jax.checkpoint.hf import load_hf
-
-        config, params = load_hf(path, dtype=overrides.get("param_dtype"), mesh=mesh)
-    else:
-        from internlm_jax.checkpoint.orbax_io import restore_params
-
-        config, params = restore_params(path, mesh=mesh, dtype=overrides.get("param_dtype"))
-    if overrides:
-        config = config.replace(**overrides)
-    tok_dir = tokenizer if tokenizer is not None else path
-    tok = None
-    if isinstance(tok_dir, (str, os.PathLike)):
-        if os.path.exists(os.path.join(tok_dir, "tokenizer.model")):
-            from internlm_jax.tokenizer import Tokenizer
-
-            tok = Tokenizer.from_dir(tok_dir)
-        elif tokenizer is not None:
-            raise ConfigError(f"no tokenizer.model in {tok_dir!r}")
-    else:
-        tok = tok_dir
-    return LM(config, params, tok, mesh)
+        source = self.source_dir if self.source_dir and os.path.exists(os.path.join(self.source_dir, "config.json")) \
+            else None  # an HF folder (orbax and int4 checkpoints have no tokenizer or remote code to carry)
+        save_hf(path, self.params, self.config, tokenizer_dir=tokenizer_dir, source_dir=source)
 
 
 def shard_batch(mesh: Mesh, x: np.ndarray) -> jax.Array:
     """Place a [B, ...] host batch over the mesh's batch axes."""
     return jax.device_put(x, named_sharding(mesh, ("batch",) + (None,) * (x.ndim - 1), x.shape))
+

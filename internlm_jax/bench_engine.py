@@ -9,7 +9,10 @@ includes queueing) on random weights of each preset:
   (c) static batching: batches of `--static-batch` in arrival order, each padded to its longest prompt and
       run until its longest output is done;
   (d) transformers' batched `generate` of 16 prompts on a Llama model of the same shape (when installed),
-      against the engine on the same 16 prompts.
+      against the engine on the same 16 prompts;
+  (e) the floor: a plain jitted greedy loop (`engine.reference.greedy_loop`: prefill + device-side decode
+      loop over the same forward, no host round trip per token) at batch 1 and 16, against the engine and
+      the notebook API (`LM.generate`, which runs on an engine) on the same prompts.
 Reported: output tok/s, req/s, TTFT and ITL P50/P90/P99; batch-1 decode memory bandwidth (bytes of weights
 + KV read per token x tokens/s) against the machine's measured copy bandwidth; engine output tok/s against
 the compute roof (matmul peak / (2 x matmul params per token)).
@@ -31,7 +34,7 @@ import numpy as np
 
 from internlm_jax.config import get_preset
 from internlm_jax.engine import Engine, EngineConfig, SamplingParams
-from internlm_jax.engine.reference import DenseGenerator
+from internlm_jax.engine.reference import DenseGenerator, greedy_loop
 from internlm_jax.model import init_params
 
 
@@ -122,6 +125,24 @@ def run_static(gen: DenseGenerator, prompts, news) -> Result:
             itl += [b - a for a, b in zip(stamps[:n], stamps[1:n])]
     return Result(f"static batching (batch {gen.batch})", len(prompts), sum(news), time.perf_counter() - t0, ttft,
                   itl)
+
+
+def run_floor(params, config, engine: Engine, prompts, new: int) -> list[dict[str, Any]]:
+    """Decode tok/s at batch 1 and 16 of the plain jitted loop, the engine and LM.generate, same prompts."""
+    from internlm_jax.api import LM
+
+    lm = LM(config, params)
+    rows = []
+    for b in (1, 16):
+        ps = prompts[:b]
+        greedy_loop(params, config, ps, new)  # compile
+        loop_s = _timed(lambda: greedy_loop(params, config, ps, new))
+        eng = run_engine(engine, ps, [new] * b, name=f"engine b{b}")
+        lm.generate(ps, new, ignore_eos=True)  # compile the notebook engine's buckets
+        nb_s = _timed(lambda: lm.generate(ps, new, ignore_eos=True))
+        rows.append({"batch": b, "loop_tok_s": b * new / loop_s, "engine_tok_s": b * new / eng.seconds,
+                     "notebook_tok_s": b * new / nb_s})
+    return rows
 
 
 def run_transformers(config, prompts, max_new: int) -> Result | None:
@@ -230,6 +251,8 @@ def bench_preset(preset: str, args, machine: dict[str, float]) -> dict[str, Any]
     out["engine_vs_alone"] = rows[0]["output_tok_s"] / rows[1]["output_tok_s"]
     out["engine_vs_static"] = rows[0]["output_tok_s"] / rows[2]["output_tok_s"]
 
+    out["floor"] = run_floor(params, config, engine, prompts, args.hf_new_tokens)
+
     if not args.no_transformers:
         print(f"[{preset}] (d) transformers batched generate ...", file=sys.stderr, flush=True)
         hf = run_transformers(config, prompts[:16], args.hf_new_tokens)
@@ -264,6 +287,10 @@ def format_report(machine: dict[str, float], results: Sequence[dict[str, Any]]) 
                      f" engine/one-at-a-time {r['engine_vs_alone']:.1f}x; engine/static {r['engine_vs_static']:.1f}x"
                      + (f"; engine/transformers {r['engine_vs_transformers']:.1f}x" if "engine_vs_transformers" in r
                         else ""))
+        for f in r["floor"]:
+            lines.append(f"floor b{f['batch']}: plain jitted loop {f['loop_tok_s']:.1f} tok/s; engine "
+                         f"{f['engine_tok_s']:.1f} ({f['engine_tok_s'] / f['loop_tok_s']:.2f}x); notebook generate "
+                         f"{f['notebook_tok_s']:.1f} ({f['notebook_tok_s'] / f['loop_tok_s']:.2f}x)")
         lines.append(f"engine: {r['engine_stats']}")
     return "\n".join(lines)
 

@@ -9,9 +9,7 @@ one output folder, printed at the end with the commands to serve or chat with th
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import os
 import shutil
 import signal
 import socket

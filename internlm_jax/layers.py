@@ -26,16 +26,14 @@ def rms_norm(x: Float[Array, "... D"], weight: Float[Array, "D"], eps: float) ->
     return weight.astype(x.dtype) * y
 
 
-def rope_base(config: ModelConfig, seq_len: Int[Array, ""] | int) -> Float[Array, ""]:
-    """Rotary base, with dynamic NTK scaling once the key length exceeds max_position_embeddings.
-
-    base = theta * ((f * S / M) - (f - 1)) ** (H / (H - 2)) when S > M, else theta. Like the reference
-    implementation, the length is the current total key length; keys already in a cache keep the rotation
-    they were written with (they are not re-rotated when the base grows).
-    """
+def rope_base(config: ModelConfig, seq_len: Int[Array, "..."] | int) -> Float[Array, "..."]:
+    """Rotary base for a key length (any shape), with dynamic NTK scaling once it exceeds
+    max_position_embeddings M: base = theta * ((f * S / M) - (f - 1)) ** (H / (H - 2)) when S > M, else
+    theta. Like the official code, S is the length the rotation is computed for (see `rope_tables`);
+    keys already in a cache keep the rotation they were written with."""
     theta = jnp.float32(config.rope_theta)
-    if config.rope_scaling is None:
-        return theta
+    if config.rope_scaling is None or config.rope_scaling[0] != "dynamic":
+        return jnp.broadcast_to(theta, jnp.shape(seq_len))
     _, factor = config.rope_scaling
     m = config.max_position_embeddings
     h = config.head_dim
@@ -44,13 +42,31 @@ def rope_base(config: ModelConfig, seq_len: Int[Array, ""] | int) -> Float[Array
     return jnp.where(s > m, scaled, theta)
 
 
-def rope_tables(config: ModelConfig, positions: Int[Array, "B T"], seq_len: Int[Array, ""] | int
+def rope_tables(config: ModelConfig, positions: Int[Array, "B T"], rope_len: Int[Array, "B"] | None = None
                 ) -> tuple[Float[Array, "B T H"], Float[Array, "B T H"]]:
-    """cos and sin for the non-interleaved (rotate_half) convention of the HF weights, in fp32."""
+    """cos and sin for the non-interleaved (rotate_half) convention of the HF weights, in fp32.
+
+    Dynamic NTK, as the official code computes it: a forward call rotates its tokens with the base of
+    S = max(position) + 1 of the call, i.e. the sequence's total length so far. Per token here, S =
+    max(rope_len[b], position + 1): `rope_len` is each row's length the rotation must cover (default: the
+    row's own max position + 1, so padding never enlarges it). A chunked prefill passes the whole prompt's
+    length, so every chunk is rotated as the one-call prefill would be; a decode token at position p then
+    gets max(prompt, p + 1) = p + 1, the official rule. Linear scaling divides positions by the factor.
+    """
     h = config.head_dim
-    base = rope_base(config, seq_len)
-    inv_freq = 1.0 / (base ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))  # [H/2]
-    angles = jnp.maximum(positions, 0).astype(jnp.float32)[..., None] * inv_freq  # [B, T, H/2]
+    pos = jnp.maximum(positions, 0).astype(jnp.float32)
+    exponents = jnp.arange(0, h, 2, dtype=jnp.float32) / h  # [H/2]
+    scaling = config.rope_scaling
+    if scaling is not None and scaling[0] == "dynamic":
+        if rope_len is None:
+            rope_len = jnp.max(positions, axis=1) + 1
+        seq_len = jnp.maximum(rope_len[:, None], positions + 1)  # [B, T]
+        inv_freq = 1.0 / (rope_base(config, seq_len)[..., None] ** exponents)  # [B, T, H/2]
+    else:
+        if scaling is not None and scaling[0] == "linear":
+            pos = pos / jnp.float32(scaling[1])
+        inv_freq = 1.0 / (jnp.float32(config.rope_theta) ** exponents)
+    angles = pos[..., None] * inv_freq  # [B, T, H/2]
     angles = jnp.concatenate([angles, angles], axis=-1)  # [B, T, H]
     return jnp.cos(angles), jnp.sin(angles)
 

@@ -22,12 +22,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from internlm_jax import kv_cache
 from internlm_jax.config import ModelConfig
-from internlm_jax.layers import apply_rope, attention_mask, linear, reference_attention, rms_norm, rope_tables
-from internlm_jax.sharding import active_mesh, constrain
+from internlm_jax.layers import apply_rope, linear, rms_norm, rope_tables
+from internlm_jax.sharding import constrain
 
 Params = dict[str, Any]
-Cache = dict[str, jax.Array]
+Cache = kv_cache.DenseCache
 
 
 def param_shapes(config: ModelConfig) -> Params:
@@ -86,66 +87,27 @@ def init_params(config: ModelConfig, key: jax.Array) -> Params:
 
 
 def init_cache(config: ModelConfig, batch: int, max_len: int, dtype: Any = None) -> Cache:
-    """A dense KV cache: k/v [L, B, S, K, H]; `pos` [B, S] holds each slot's position (-1 = empty);
-    `index` is the next slot to write (shared by the batch: prompts are left-padded)."""
-    dtype = jnp.dtype(dtype or config.dtype)
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
-    return {
-        "k": jnp.zeros(shape, dtype),
-        "v": jnp.zeros(shape, dtype),
-        "pos": jnp.full((batch, max_len), -1, jnp.int32),
-        "index": jnp.zeros((), jnp.int32),
-    }
+    """A dense KV cache (see internlm_jax.kv_cache): k/v [L, B, S, K, H]; `pos` [B, S] holds each slot's
+    position (-1 = empty); `index` is the next slot to write (shared by the batch: prompts are left-padded)."""
+    return kv_cache.init_dense_cache(config, batch, max_len, dtype)
 
 
-def _attention(q, k, v, mask, config: ModelConfig, segment_ids, by_position: bool, positions=None):
-    mesh = active_mesh()
-    if not by_position and mesh is not None and mesh.shape.get("sequence", 1) > 1:
-        # Long context: the sequence is sharded; all-gather K/V and attend blockwise (causal by position and
-        # segment, so a zigzag-permuted sequence is fine).
-        from internlm_jax.seq_parallel import sequence_parallel_attention
-
-        return sequence_parallel_attention(q, k, v, positions, segment_ids, mesh=mesh)
-    from internlm_jax.kernels import resolve_impl
-
-    impl = resolve_impl(config.attention_impl)  # auto: the kernel on TPU/GPU (or an AOT target), else reference
-    if impl == "pallas" and not by_position:
-        from internlm_jax.kernels import flash_attention_dispatch
-
-        return flash_attention_dispatch(q, k, v, segment_ids)
-    return reference_attention(q, k, v, mask)
-
-
-def _layer(config: ModelConfig, x, lp, cos, sin, q_pos, q_seg, layer_cache, cache_meta):
-    """One decoder block. x: [B, T, D]. layer_cache: (k, v) [B, S, K, H] slices or None."""
-    dtype = jnp.dtype(config.dtype)
+def _layer(config: ModelConfig, x, lp, cos, sin, positions, segment_ids, cache, step, layer):
+    """One decoder block. x: [B, T, D]; the cache (none, dense or paged) is written and attended through
+    the kv_cache interface, which picks the attention backend."""
     G = config.groups
-
     h = rms_norm(x, lp["attention_norm"], config.rms_norm_eps)
-    qkv = linear(h, lp["wqkv"], "D", "KQH", dtype)  # [B, T, K, G+2, H]
+    qkv = linear(h, lp["wqkv"], "D", "KQH", jnp.dtype(config.dtype))  # [B, T, K, G+2, H]
     qkv = constrain(qkv, ("batch", "length", "act_kv_heads", None, None))
     q, k, v = qkv[:, :, :, :G], qkv[:, :, :, G], qkv[:, :, :, G + 1]
     q = apply_rope(q, cos, sin)
     k = apply_rope(k, cos, sin)
-
-    if layer_cache is None:
-        mask = attention_mask(q_pos, q_pos, q_seg, q_seg, by_position=False)
-        attn = _attention(q, k, v, mask, config, q_seg, by_position=False, positions=q_pos)
-        new_cache = None
-    else:
-        ck, cv = layer_cache
-        index, k_pos = cache_meta
-        ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, index, 0, 0))
-        cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, index, 0, 0))
-        mask = attention_mask(q_pos, k_pos, None, None, by_position=True)
-        attn = _attention(q, ck.astype(dtype), cv.astype(dtype), mask, config, None, by_position=True)
-        new_cache = (ck, cv)
-    return block_output(config, x, lp, attn), new_cache
+    attn, cache = kv_cache.attend(cache, step, layer, q, k, v, positions, segment_ids, config)
+    return block_output(config, x, lp, attn), cache
 
 
 def block_output(config: ModelConfig, x, lp, attn):
-    """The rest of a decoder block after attention: x + wo(attn), then x + w2(silu(w1 h) * w3 h).
-    Shared by the dense path here and the paged path in internlm_jax.engine.paged_model."""
+    """The rest of a decoder block after attention: x + wo(attn), then x + w2(silu(w1 h) * w3 h)."""
     dtype = jnp.dtype(config.dtype)
     attn = constrain(attn, ("batch", "length", "act_kv_heads", None, None))
     x = x + linear(attn, lp["wo"], "KGH", "D", dtype).astype(x.dtype)
@@ -166,68 +128,63 @@ _REMAT = {
 }
 
 
+def head(params: Params, x: Float[Array, "... D"], config: ModelConfig) -> Float[Array, "... V"]:
+    """The output projection of final-norm hidden states: fp32 logits."""
+    logits = linear(x, params["output"], "D", "V", jnp.dtype(config.dtype)).astype(jnp.float32)
+    names = ("batch", "length", "act_vocab") if logits.ndim == 3 else ("batch", "act_vocab")
+    return constrain(logits, names)
+
+
 def forward(params: Params, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None, *,
-            config: ModelConfig, segment_ids: Int[Array, "B T"] | None = None, cache: Cache | None = None,
-            return_hidden: bool = False) -> tuple[Float[Array, "B T V"], Cache | None]:
+            config: ModelConfig, segment_ids: Int[Array, "B T"] | None = None, cache: Any = None,
+            rope_len: Int[Array, "B"] | None = None, logits_index: Int[Array, "B"] | None = None,
+            return_hidden: bool = False) -> tuple[Array, Any]:
     """Logits (fp32) for `tokens`, and the updated cache when one is given.
 
-    positions: per-token positions (restart per segment when packed; -1 marks padding written to a cache).
+    positions: per-token positions (restart per segment when packed; -1 marks padding: never written to a
+    cache, never enlarging a row's rotary length). Default: 0.. (after the cache's tokens).
     segment_ids: packed documents; attention stays within equal ids (training/eval, no cache).
-    cache: from `init_cache`; the new tokens are written at cache["index"] and attend to every filled slot
-    whose position is <= theirs. A `PagedCache` (internlm_jax.engine) instead runs the paged path: the
-    tokens' K/V go into the pages of cache.page_table after cache.lengths (positions -1 = padding).
-    With return_hidden, the final-norm hidden states [B, T, D] are returned instead of logits (for chunked
-    losses and value heads).
+    cache: None; a dense cache from `init_cache` (the new tokens are written at cache["index"] and attend to
+    every filled slot whose position is <= theirs); or a `kv_cache.PagedCache` (the tokens' K/V go into the
+    pages of cache.page_table after cache.lengths). The layers are the same code for all three.
+    rope_len: [B] the length each row's rotation must cover under dynamic NTK (see layers.rope_tables):
+    a chunked prefill passes its whole prompt's length; default each row's own length.
+    logits_index: [B] index into T; only those tokens' logits are computed ([B, V] instead of [B, T, V]).
+    With return_hidden, the final-norm hidden states are returned instead of logits (for chunked losses and
+    value heads).
     """
-    if cache is not None and not isinstance(cache, dict):  # a paged cache (internlm_jax.engine.PagedCache)
-        from internlm_jax.engine.paged_model import paged_forward
-
-        return paged_forward(params, tokens, positions, config=config, cache=cache, return_hidden=return_hidden)
     B, T = tokens.shape
     dtype = jnp.dtype(config.dtype)
     if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        if cache is not None:
-            positions = positions + cache["index"]
+        positions = kv_cache.default_positions(cache, B, T)
     positions = positions.astype(jnp.int32)
 
     x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
+    cache, step = kv_cache.begin(cache, positions)
+    cos, sin = rope_tables(config, positions, step.key_len if rope_len is None else rope_len.astype(jnp.int32))
 
-    if cache is not None:
-        k_pos = jax.lax.dynamic_update_slice(cache["pos"], positions, (0, cache["index"]))
-        seq_len = jnp.max(k_pos) + 1
-    else:
-        k_pos = None
-        seq_len = jnp.max(positions) + 1
-    cos, sin = rope_tables(config, positions, seq_len)
+    def body(carry, layer_in):
+        x, c = carry
+        lp, layer = layer_in
+        x, c = _layer(config, x, lp, cos, sin, positions, segment_ids, c, step, layer)
+        return (x, c), None
 
-    def body(x, layer_in):
-        lp, lc = layer_in
-        x, new_c = _layer(config, x, lp, cos, sin, positions, segment_ids, lc,
-                          None if cache is None else (cache["index"], k_pos))
-        return x, new_c
-
-    if config.remat != "none":
+    if config.remat != "none" and cache is None:  # recomputation only pays off when there is a backward
         body = jax.checkpoint(body, policy=_REMAT[config.remat], prevent_cse=not config.scan_layers)
 
-    layer_caches = None if cache is None else (cache["k"], cache["v"])
+    # The cache rides in the carry, so each layer's write updates the buffer in place.
     if config.scan_layers:
-        x, new_caches = jax.lax.scan(body, x, (params["layers"], layer_caches))
+        layer_ids = jnp.arange(config.num_layers, dtype=jnp.int32)
+        (x, cache), _ = jax.lax.scan(body, (x, cache), (params["layers"], layer_ids))
     else:
-        outs = []
         for i in range(config.num_layers):
-            sl = jax.tree.map(lambda a: a[i], (params["layers"], layer_caches))
-            x, c = body(x, sl)
-            outs.append(c)
-        new_caches = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+            (x, cache), _ = body((x, cache), (jax.tree.map(lambda a: a[i], params["layers"]), i))
+    cache = kv_cache.end(cache, step, T)
 
+    if logits_index is not None:
+        x = jnp.take_along_axis(x, logits_index.astype(jnp.int32)[:, None, None], axis=1)[:, 0]  # [B, D]
     x = rms_norm(x, params["norm"], config.rms_norm_eps)
-    new_cache = None
-    if cache is not None:
-        new_cache = {"k": new_caches[0], "v": new_caches[1], "pos": k_pos, "index": cache["index"] + T}
     if return_hidden:
-        return x, new_cache
-    logits = linear(x, params["output"], "D", "V", dtype).astype(jnp.float32)
-    logits = constrain(logits, ("batch", "length", "act_vocab"))
-    return logits, new_cache
+        return x, cache
+    return head(params, x, config), cache

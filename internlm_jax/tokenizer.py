@@ -231,9 +231,11 @@ class Tokenizer:
         eos = _token_content(config.get("eos_token")) or EOS
         unk = _token_content(config.get("unk_token")) or UNK
         pad = _token_content(config.get("pad_token"))
-        return cls(model_file, special, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
-                   add_bos_token=bool(config.get("add_bos_token", True)),
-                   add_eos_token=bool(config.get("add_eos_token", False)), config=config)
+        tok = cls(model_file, special, bos_token=bos, eos_token=eos, pad_token=pad, unk_token=unk,
+                  add_bos_token=bool(config.get("add_bos_token", True)),
+                  add_eos_token=bool(config.get("add_eos_token", False)), config=config)
+        tok.source_dir = path  # the folder an export copies the tokenizer files from
+        return tok
 
     def _lookup_control(self, name: str, fallback: int, what: str) -> int:
         if name in self._special:

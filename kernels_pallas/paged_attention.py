@@ -174,16 +174,33 @@ def combine_splits(o: Float[Array, "B K N R H"], lse: Float[Array, "B K N R"]) -
     return jnp.where(denom[..., None] > 0, num / jnp.where(denom > 0, denom, 1.0)[..., None], 0.0)
 
 
-def gather_pages(pages: Array, scales: Array | None, page_table: Array, dtype) -> Array:
-    """[B, max_pages * page_size, K, H] in `dtype` (dequantised when scales are given)."""
-    P, ps, K, H = pages.shape
+def gather_pages(pages: Array, scales: Array | None, page_table: Array, dtype, layer: Array | int | None = None
+                 ) -> Array:
+    """[B, max_pages * page_size, K, H] in `dtype` (dequantised when scales are given). With `layer`, pages
+    and scales are the stacked pools and the rows are gathered from that layer in place (no layer copy)."""
+    P, ps, K, H = pages.shape[-4:]
     B, M = page_table.shape
     tbl = jnp.clip(page_table, 0, P - 1)
-    x = jnp.take(pages, tbl, axis=0).reshape(B, M * ps, K, H)
+    idx = tbl if layer is None else (layer, tbl)
+    x = pages[idx].reshape(B, M * ps, K, H)
     if scales is not None:
-        s = jnp.take(scales, tbl, axis=0).reshape(B, M * ps, K, 1)
+        s = scales[idx].reshape(B, M * ps, K, 1)
         return (x.astype(jnp.float32) * s).astype(dtype)
     return x.astype(dtype)
+
+
+SMALL_T = 4  # query blocks this short (decode) use the multiply-reduce form in the reference
+
+
+def _small_t_attention(q, k, v, mask, scale):
+    """The reference's math for a few queries per row as broadcast multiply + reduce in fp32: XLA fuses it
+    into one pass over K and one over V, where the batched-dot form first transposes the gathered keys
+    (3x slower on CPU for decode at batch 64)."""
+    f32 = jnp.float32
+    scores = jnp.sum(q.astype(f32)[:, :, None] * k.astype(f32)[:, None, :, :, None, :], axis=-1) * scale
+    scores = jnp.where(mask[:, :, :, None, None], scores, MASK_VALUE)  # [B, T, S, K, G]
+    probs = jax.nn.softmax(scores, axis=2)
+    return jnp.sum(probs[..., None] * v.astype(f32)[:, None, :, :, None, :], axis=2)  # [B, T, K, G, H]
 
 
 @functools.partial(jax.jit, static_argnames=("sm_scale", "pages_per_block", "num_splits", "backend", "interpret"))
@@ -197,21 +214,20 @@ def paged_attention_reference(q: Float[Array, "B T K G H"], k_pages: Array, v_pa
     """Gather every page of every sequence and run dense masked attention (same semantics as the kernel)."""
     del pages_per_block, num_splits, backend, interpret
     _validate(q, k_pages, v_pages, page_table, lengths, q_positions, k_scales, v_scales, layer)
-    if layer is not None:
-        k_pages, v_pages = k_pages[layer], v_pages[layer]
-        k_scales = None if k_scales is None else k_scales[layer]
-        v_scales = None if v_scales is None else v_scales[layer]
     H = q.shape[-1]
     scale = H ** -0.5 if sm_scale is None else sm_scale
-    k = gather_pages(k_pages, k_scales, page_table, q.dtype)  # [B, S, K, H]
-    v = gather_pages(v_pages, v_scales, page_table, q.dtype)
+    k = gather_pages(k_pages, k_scales, page_table, q.dtype, layer)  # [B, S, K, H]
+    v = gather_pages(v_pages, v_scales, page_table, q.dtype, layer)
     pos = jnp.arange(k.shape[1], dtype=jnp.int32)
     filled = pos[None, :] < lengths[:, None]  # [B, S]
     mask = filled[:, None, :] & (pos[None, None, :] <= q_positions[:, :, None])  # [B, T, S]
     v = jnp.where(filled[:, :, None, None], v, 0)  # stale / unowned slots may hold NaN: 0 * NaN is NaN
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
-    scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
+    if q.shape[1] <= SMALL_T:
+        out = _small_t_attention(q, k, v, mask, scale)
+    else:
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+        scores = jnp.where(mask[:, None, None], scores, MASK_VALUE)
+        probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v, preferred_element_type=jnp.float32)
     seen = jnp.any(mask, axis=-1)[:, :, None, None, None]  # [B, T, 1, 1, 1]
     return jnp.where(seen, out, 0.0).astype(q.dtype)

@@ -109,7 +109,8 @@ def test_cli_rejects_bad_arguments(capsys):
     assert agent_cli.main(["--tools", "calculator"]) == 2
     assert "give --model" in capsys.readouterr().err
     assert agent_cli.main(["--model", "no-such-model", "--tools", ""]) == 2
-    assert "neither an existing folder nor a preset" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no checkpoint at 'no-such-model'" in err and "internlm2-tiny" in err
 
 
 class _ForcedLM:

@@ -35,9 +35,6 @@ CASES = {  # G = 2 (GQA, N=4, K=2) and G = 1 (MHA); the dynamic case runs past m
     # The same weights under linear scaling (config.json only: tiny_llama has no linear option).
     "gqa_linear": {**SHAPE, "heads": 4, "kv_heads": 2, "seed": 14, "rope_scaling": {"type": "linear", "factor": 4.0}},
 }
-LINEAR_PENDING = pytest.mark.xfail(
-    strict=True, reason="layers.py does not apply linear rope scaling yet (issue 14, landing separately); "
-                        "drop this mark when it does")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -64,7 +61,7 @@ def _llama_logits(folder, tokens: np.ndarray) -> np.ndarray:
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.numpy()
 
 
-@pytest.mark.parametrize("case", [pytest.param(c, marks=LINEAR_PENDING) if "linear" in c else c for c in CASES])
+@pytest.mark.parametrize("case", list(CASES))
 def test_llama_export_gives_our_logits(tmp_path, tok_dir, case, capsys):
     src = _source(tmp_path, tok_dir, case)
     out = tmp_path / "llama"

@@ -13,9 +13,10 @@ import pytest
 
 from internlm_jax.config import get_preset
 from internlm_jax.engine import Engine, EngineConfig, SamplingParams, init_paged_cache
-from internlm_jax.engine.paged_model import dequantize_kv, quantize_kv
 from internlm_jax.engine.reference import greedy_uncached
+from internlm_jax.kv_cache import quantize_kv
 from internlm_jax.model import forward, init_params
+from kernels_pallas.paged_attention import gather_pages
 
 CFG = get_preset("internlm2-tiny")
 MAX_LEN = 64
@@ -35,10 +36,12 @@ def test_quantize_roundtrip_error_is_half_a_step():
     x = jax.random.normal(jax.random.key(1), (5, 7, 2, 16)) * jnp.arange(1, 8)[None, :, None, None]
     q, s = quantize_kv(x)
     assert q.dtype == jnp.int8 and s.shape == (5, 7, 2)
-    err = jnp.abs(dequantize_kv(q, s, jnp.float32) - x)
+    # dequantized as the attention reads pages: all of x as one "page pool" [P=5, S=7, K=2, H=16]
+    deq = gather_pages(q, s, jnp.arange(5, dtype=jnp.int32)[:, None], jnp.float32).reshape(x.shape)
+    err = jnp.abs(deq - x)
     assert bool(jnp.all(err <= s[..., None] * 0.5 + 1e-6))
-    q0, s0 = quantize_kv(jnp.zeros((3, 2, 4)))
-    assert bool(jnp.all(dequantize_kv(q0, s0, jnp.float32) == 0))
+    q0, s0 = quantize_kv(jnp.zeros((3, 1, 2, 4)))
+    assert bool(jnp.all(gather_pages(q0, s0, jnp.arange(3, dtype=jnp.int32)[:, None], jnp.float32) == 0))
 
 
 def test_int8_cache_logit_error_and_teacher_forced_agreement(params, record_property):

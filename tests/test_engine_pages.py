@@ -7,8 +7,8 @@ import pytest
 
 from internlm_jax.engine.detok import IncrementalText
 from internlm_jax.engine.pages import PageAllocator, page_hashes
-from internlm_jax.engine.sampling import SamplingParams
 from internlm_jax.engine.scheduler import FINISHED, RUNNING, Scheduler, SchedulerConfig, Sequence
+from internlm_jax.sampling import SamplingParams
 
 
 def test_allocator_refcounts_and_lru_eviction():

@@ -11,8 +11,8 @@ import pytest
 from internlm_jax.config import ConfigError, get_preset
 from internlm_jax.engine import Engine, EngineConfig, SamplingParams
 from internlm_jax.engine.reference import _uncached_logits, greedy_uncached
-from internlm_jax.engine.sampling import SamplingArrays, apply_penalties, sample
 from internlm_jax.model import init_params
+from internlm_jax.sampling import SamplingArrays, apply_penalties, sample
 
 CFG = get_preset("internlm2-tiny")
 MAX_LEN = 64
@@ -194,7 +194,7 @@ def test_penalties_through_the_engine_match_a_reference_loop(engine, params):
 
 
 def test_gumbel_noise_moments_and_independence():
-    from internlm_jax.engine.sampling import gumbel_noise
+    from internlm_jax.sampling import gumbel_noise
 
     g = np.asarray(gumbel_noise(np.arange(64, dtype=np.uint32), np.zeros(64, np.int32), 4096))
     assert abs(g.mean() - 0.5772) < 0.01 and abs(g.std() - np.pi / np.sqrt(6)) < 0.01  # Gumbel(0, 1)

@@ -45,3 +45,27 @@ def test_tensor_parallel_equals_one_device(params, tp):
     assert ([o.outputs[0].token_ids for o in eng.generate(prompts, seeded)]
             == [o.outputs[0].token_ids for o in one.generate(prompts, seeded)])
     assert eng.stats()["compilations"] == 0 and eng.stats()["pages_used"] == 0
+
+
+def test_tp2_pallas_paged_kernel_reads_its_own_heads(params):
+    """The paged kernel (interpret mode here) under tensor parallelism runs per shard: the compiled step gathers
+    no attention data across devices (each device attends over its own kv heads of the pool; the only
+    all-gathers left are the sampler's [B, V] logits and [B, n] reductions), and the tokens equal one device.
+    Called on the whole pool without the shard-aware dispatch, the same step all-gathers K/V blocks."""
+    import re
+
+    cfg = CFG.replace(attention_impl="pallas")
+    mesh = make_mesh(MeshConfig(data=1, tensor=2), devices=jax.devices()[:2])
+    ec = EngineConfig(page_size=4, num_pages=24, max_num_seqs=2, max_model_len=32, max_num_batched_tokens=12,
+                      chunk_size=8, max_prefill_rows=1, decode_batch_buckets=(2,), prefill_batch_buckets=(1,),
+                      chunk_buckets=(8,), width_buckets=(8,))
+    eng = Engine(params, cfg, ec, mesh=mesh)
+    assert eng.runner._executables
+    for key, exe in eng.runner._executables.items():
+        gathered = [tuple(int(d) for d in m.group(1).split(",")) for m in
+                    re.finditer(r"= \w+\[([\d,]+)\]\{[^}]*\} all-gather", exe.as_text())]
+        assert gathered and all(len(g) <= 2 for g in gathered), (key, gathered)
+    prompts = [[5, 9, 14, 3, 7, 22, 8, 11, 30], [4, 6]]
+    sp = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    got = [o.outputs[0].token_ids for o in eng.generate(prompts, sp)]
+    assert got == greedy_uncached(params, CFG, prompts, 6, pad_to=32)

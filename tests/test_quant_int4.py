@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import pytest
 
+import internlm_jax as ij
 from internlm_jax.api import LM
 from internlm_jax.config import ConfigError, get_preset
 from internlm_jax.model import forward, param_shapes
@@ -19,7 +20,6 @@ from internlm_jax.quant import (
     accuracy_report,
     format_report,
     load_quantized,
-    load_quantized_lm,
     params_nbytes,
     perplexity,
     quantize_params,
@@ -229,7 +229,7 @@ def test_awq_model_quantization(trained, tmp_path):
     assert jax.tree.structure(loaded) == jax.tree.structure(awq)
     x = trained["heldout"]
     np.testing.assert_array_equal(np.asarray(_logits(loaded, x)), np.asarray(_logits(awq, x)))
-    lm = load_quantized_lm(tmp_path / "q")
+    lm = ij.load(tmp_path / "q")  # the one loader opens int4 folders
     np.testing.assert_array_equal(lm.logits(x[0].tolist()), np.asarray(_logits(awq, x[:1]))[0])
     with pytest.raises(ConfigError, match="already exists"):
         save_quantized(tmp_path / "q", awq, CFG, info)

@@ -124,7 +124,9 @@ def test_chat_cli_tensor_parallel_and_int4(tok_dir, server, monkeypatch, capsys)
 
 def test_cli_errors(capsys):
     assert serve_cli.main(["--model", "no-such-model"]) == 2
-    assert "neither an existing folder nor a preset" in capsys.readouterr().err
+    assert "no checkpoint at 'no-such-model'" in capsys.readouterr().err
+    assert serve_cli.main(["--model", "internlm2-tinyy"]) == 2
+    assert "did you mean the preset 'internlm2-tiny'" in capsys.readouterr().err
     assert chat_cli.main([]) == 2
     assert "give --model" in capsys.readouterr().err
 

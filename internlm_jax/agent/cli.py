@@ -85,12 +85,12 @@ def make_backend(args: argparse.Namespace, out: TextIO) -> Any:
         return OpenAIChatBackend(args.url, model, api_key=args.api_key, **params)
     if not args.model:
         raise ConfigError("give --model (to run it here) or --url (an OpenAI-compatible server)")
+    import internlm_jax as ij
     from internlm_jax.agent.local import LocalBackend
-    from internlm_jax.serve.loading import load_lm
+    from internlm_jax.config import PRESETS
 
-    ns = argparse.Namespace(model=args.model, tokenizer=args.tokenizer, dtype=args.dtype, tp=1, quant="none",
-                            quant_group_size=128, seed=args.seed)
-    lm, random_weights = load_lm(ns)
+    lm = ij.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, random_weights=True, seed=args.seed)
+    random_weights = not os.path.exists(args.model) and args.model in PRESETS
     if random_weights:
         out.write(f"(note: {args.model} is a preset with RANDOM weights; replies are noise)\n")
     return LocalBackend(lm, max_new_tokens=args.max_tokens or 512, temperature=args.temperature, top_p=args.top_p,

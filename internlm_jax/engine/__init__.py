@@ -7,16 +7,22 @@ per-request sampling, int8 KV, tensor parallelism, and an async streaming API.
     async for ev in engine.submit(ids, SamplingParams(stop=("<|im_end|>",))): ...   # TokenEvents
     engine.abort(request_id); engine.stats()
 
-Modules: paged_model (the forward over a page pool; also reached via model.forward(cache=PagedCache)),
-pages (page allocator, refcounts, prefix hashes, LRU), scheduler (slots, chunked prefill, preemption),
-sampling (SamplingParams, the vectorised sampler), runner (device state, shape buckets, compile counters),
-detok (incremental text, stop strings), engine (the Engine), reference (uncached and dense baselines).
+The engine runs the model's one forward (`model.forward` with a `kv_cache.PagedCache`) and the one sampler
+(`internlm_jax.sampling`). Modules: pages (page allocator, refcounts, prefix hashes, LRU), scheduler (slots,
+chunked prefill, preemption), runner (device state, shape buckets, compile counters), detok (incremental text,
+stop strings), engine (the Engine), reference (uncached and dense baselines).
 """
 
-from internlm_jax.engine.engine import (CompletionOutput, Engine, EngineConfig, RequestOutput, RequestStream,
-                                        TokenEvent)
-from internlm_jax.engine.paged_model import PagedCache, init_paged_cache, paged_attention_reference, paged_forward
-from internlm_jax.engine.sampling import SamplingParams
+from internlm_jax.engine.engine import (
+                                        CompletionOutput,
+                                        Engine,
+                                        EngineConfig,
+                                        RequestOutput,
+                                        RequestStream,
+                                        TokenEvent,
+)
+from internlm_jax.kv_cache import PagedCache, init_paged_cache
+from internlm_jax.sampling import SamplingParams
 
 __all__ = ["CompletionOutput", "Engine", "EngineConfig", "PagedCache", "RequestOutput", "RequestStream",
-           "SamplingParams", "TokenEvent", "init_paged_cache", "paged_attention_reference", "paged_forward"]
+           "SamplingParams", "TokenEvent", "init_paged_cache"]

@@ -28,11 +28,12 @@ from jax.sharding import Mesh
 
 from internlm_jax.config import ConfigError, ModelConfig
 from internlm_jax.engine.detok import IncrementalText, resolve_decode_fn
-from internlm_jax.engine.pages import PageAllocator
-from internlm_jax.engine.paged_model import page_bytes, resolve_kv_dtype
+from internlm_jax.engine.pages import ROOT_HASH, PageAllocator
 from internlm_jax.engine.runner import BACKEND_COMPILES, ModelRunner, auto_buckets
-from internlm_jax.engine.sampling import SamplingParams
-from internlm_jax.engine.scheduler import FINISHED, Scheduler, SchedulerConfig, Sequence as Seq
+from internlm_jax.engine.scheduler import FINISHED, Scheduler, SchedulerConfig
+from internlm_jax.engine.scheduler import Sequence as Seq
+from internlm_jax.kv_cache import page_bytes
+from internlm_jax.sampling import SamplingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,17 @@ class EngineConfig:
                               f"({self.max_num_seqs}) so prefill progresses while every slot decodes")
         if not 0 < self.kv_memory_fraction <= 1:
             raise ConfigError(f"kv_memory_fraction must be in (0, 1], got {self.kv_memory_fraction}")
+
+
+def prefix_root(config: ModelConfig, prompt_len: int) -> bytes:
+    """Root of a sequence's prefix-hash chain. Under dynamic NTK a prompt longer than max_position_embeddings
+    rotates every key with the base of its own length (layers.rope_tables), so its pages can only be shared
+    with prompts of the same length; every other page holds keys rotated as any sequence would rotate them
+    at those positions, and shares the plain root."""
+    scaling = config.rope_scaling
+    if scaling is not None and scaling[0] == "dynamic" and prompt_len > config.max_position_embeddings:
+        return ROOT_HASH + prompt_len.to_bytes(8, "little")
+    return ROOT_HASH
 
 
 @dataclasses.dataclass
@@ -182,6 +194,7 @@ class Engine:
             max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=ec.max_num_batched_tokens, chunk_size=chunk,
             chunked_prefill=ec.chunked_prefill, max_prefill_rows=ec.max_prefill_rows, page_size=ps,
             enable_prefix_caching=ec.enable_prefix_caching), self.allocator)
+        self.params_source = params  # the tree the runner's (placed) params came from
         self.runner = ModelRunner(
             config, params, num_pages=self.num_pages, page_size=ps, kv_dtype=ec.kv_dtype,
             num_slots=ec.max_num_seqs, max_model_len=self.max_model_len, mesh=mesh,
@@ -242,6 +255,18 @@ class Engine:
         self.runner.warmup()
         self.warmup_seconds += time.perf_counter() - t0
 
+    def update_params(self, params: Any) -> None:
+        """Serve new weights of the same structure (after a training update, or `lm.params = ...`): they are
+        placed like the old ones and the compiled steps are reused; cached prefix pages are dropped."""
+        old, new = jax.tree.structure(self.runner.params), jax.tree.structure(params)
+        if old != new:
+            raise ConfigError(f"update_params needs params of the same structure as the engine's ({old} vs {new})")
+        with self._lock:
+            placed = self.runner.params
+            self.runner.params = jax.tree.map(lambda p, o: jax.device_put(p, o.sharding), params, placed)
+            self.params_source = params
+            self.allocator.clear_cache()
+
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,
                     request_id: str | None = None, on_event: Callable[[TokenEvent], None] | None = None) -> str:
@@ -265,9 +290,10 @@ class Engine:
                 raise ConfigError(f"request id {rid!r} is already in flight; ids must be unique")
             req = Request(rid, prompt, sampling, on_event, arrival=time.perf_counter())
             base_seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(0, 2**31))
+            root = prefix_root(self.config, len(prompt))
             for i in range(sampling.n):
                 seq = Seq(next(self._seq_ids), req, i, list(prompt), len(prompt), sampling, seed=base_seed + i,
-                          parent=req.seqs[0] if i else None)
+                          parent=req.seqs[0] if i else None, hash_root=root)
                 req.seqs.append(seq)
                 req.detoks.append(None if self.decode_fn is None else IncrementalText(
                     self.decode_fn, prompt, sampling.stop, sampling.include_stop_str_in_output))

@@ -6,6 +6,8 @@ causal attention makes the padding invisible to the real tokens, and one compile
 
 `DenseGenerator`: the classic one-request-at-a-time (or static batch) loop on the dense KV cache of
 `model.forward`: left-padded prompts in power-of-two buckets, one prefill call, then one call per token.
+
+`greedy_loop`: the same on one jitted program with the decode loop on the device (the floor for speed).
 """
 
 from __future__ import annotations
@@ -108,3 +110,35 @@ class DenseGenerator:
                 break
             tok, cache = self._decode(self.params, tok, lens + step, cache)
         return outs
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new", "cache_len"))
+def _greedy_loop(params, tokens, positions, *, config: ModelConfig, max_new: int, cache_len: int):
+    B, P = tokens.shape
+    cache = init_cache(config, B, cache_len)
+    logits, cache = forward(params, tokens, positions, config=config, cache=cache)
+    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+    out = jnp.zeros((B, max_new), jnp.int32).at[:, 0].set(first)
+
+    def body(i, state):
+        tok, cache, out = state
+        pos = positions[:, -1] + i
+        logits, cache = forward(params, tok[:, None], pos[:, None], config=config, cache=cache)
+        tok = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
+        return tok, cache, out.at[:, i].set(tok)
+
+    _, _, out = jax.lax.fori_loop(1, max_new, body, (first, cache, out))
+    return out
+
+
+def greedy_loop(params: Any, config: ModelConfig, prompts: Sequence[Sequence[int]], max_new: int) -> np.ndarray:
+    """The floor the engine is measured against: one jitted program (left-padded prefill on the dense cache,
+    then a device-side loop of greedy decode steps, no host round trip per token), as a plain JAX decode
+    loop is usually written. Greedy, no stop tokens; [B, max_new] token ids."""
+    B, P = len(prompts), _bucket(max(len(p) for p in prompts))
+    tokens = np.zeros((B, P), np.int32)
+    positions = np.full((B, P), -1, np.int32)
+    for i, p in enumerate(prompts):
+        tokens[i, P - len(p):] = p
+        positions[i, P - len(p):] = np.arange(len(p))
+    return np.asarray(_greedy_loop(params, tokens, positions, config=config, max_new=max_new, cache_len=P + max_new))

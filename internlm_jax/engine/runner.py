@@ -24,10 +24,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from internlm_jax.config import ConfigError, ModelConfig
-from internlm_jax.engine.paged_model import PagedCache, paged_forward, resolve_kv_dtype
-from internlm_jax.engine.sampling import MAX_TOP_LOGPROBS, SamplingArrays, sample
 from internlm_jax.engine.scheduler import Row
-from internlm_jax.model import param_axes
+from internlm_jax.kv_cache import PagedCache, resolve_kv_dtype
+from internlm_jax.model import forward, param_axes
+from internlm_jax.sampling import MAX_TOP_LOGPROBS, SamplingArrays, sample
 from internlm_jax.sharding import named_sharding, tree_shardings, use_mesh
 
 # ---- backend compiles per thread (jax.monitoring) --------------------------------------------------
@@ -66,6 +66,7 @@ class StepInputs(NamedTuple):
     positions: jax.Array  # [B, T] int32, -1 = padding
     page_table: jax.Array  # [B, W] int32
     lengths: jax.Array  # [B] int32, tokens already cached
+    rope_len: jax.Array  # [B] int32, the prompt's length: the rotation a chunked prefill must cover
     last_idx: jax.Array  # [B] int32, index in T of the token whose logits are sampled
     slots: jax.Array  # [B] int32 (padding rows: the spare slot)
     do_sample: jax.Array  # [B] bool
@@ -73,8 +74,8 @@ class StepInputs(NamedTuple):
 
 
 # Host->device traffic per step is two arrays (a few small transfers cost more than the whole step on a
-# busy CPU host): ints [B, 2T + W + 7] and floats [B, 6], unpacked inside the executable.
-_N_INT_COLS = 7  # lengths, last_idx, slots, do_sample, top_k, seed (bits), counter
+# busy CPU host): ints [B, 2T + W + 8] and floats [B, 6], unpacked inside the executable.
+_N_INT_COLS = 8  # lengths, last_idx, slots, do_sample, top_k, seed (bits), counter, rope_len
 _N_FLOAT_COLS = 6  # temperature, top_p, min_p, repetition, presence, frequency
 
 
@@ -82,7 +83,7 @@ def pack_inputs(inp: StepInputs) -> tuple[np.ndarray, np.ndarray]:
     s = inp.sampling
     ints = np.concatenate([inp.tokens, inp.positions, inp.page_table, np.stack([
         inp.lengths, inp.last_idx, inp.slots, inp.do_sample.astype(np.int32), s.top_k,
-        s.seed.astype(np.uint32).view(np.int32), s.counter], axis=1)], axis=1).astype(np.int32)
+        s.seed.astype(np.uint32).view(np.int32), s.counter, inp.rope_len], axis=1)], axis=1).astype(np.int32)
     floats = np.stack([s.temperature, s.top_p, s.min_p, s.repetition, s.presence, s.frequency],
                       axis=1).astype(np.float32)
     return ints, floats
@@ -95,7 +96,7 @@ def unpack_inputs(ints: jax.Array, floats: jax.Array, T: int, W: int) -> StepInp
     seed = jax.lax.bitcast_convert_type(c[5], jnp.uint32)
     samp = SamplingArrays(temperature=f[0], top_k=c[4], top_p=f[1], min_p=f[2], repetition=f[3], presence=f[4],
                           frequency=f[5], seed=seed, counter=c[6])
-    return StepInputs(tokens, positions, table, c[0], c[1], c[2], c[3] > 0, samp)
+    return StepInputs(tokens, positions, table, c[0], c[7], c[1], c[2], c[3] > 0, samp)
 
 
 def _step(config: ModelConfig, params: Any, state: DeviceState, ints: jax.Array, floats: jax.Array, *, T: int,
@@ -104,8 +105,8 @@ def _step(config: ModelConfig, params: Any, state: DeviceState, ints: jax.Array,
     (int32 [B, 1 + M] = token, top ids; float32 [B, 1 + M] = logprob, top logprobs)."""
     inp = unpack_inputs(ints, floats, T, W)
     cache = PagedCache(state.k, state.v, state.k_scale, state.v_scale, inp.page_table, inp.lengths)
-    logits, cache = paged_forward(params, inp.tokens, inp.positions, config=config, cache=cache,
-                                  logits_index=inp.last_idx)
+    logits, cache = forward(params, inp.tokens, inp.positions, config=config, cache=cache, rope_len=inp.rope_len,
+                            logits_index=inp.last_idx)
     out = sample(logits, state.counts[inp.slots], state.prompt_mask[inp.slots], inp.sampling)
     counts = state.counts.at[inp.slots, out.tokens].add(inp.do_sample.astype(jnp.int32))
     new_state = DeviceState(cache.k, cache.v, cache.k_scale, cache.v_scale, counts, state.prompt_mask)
@@ -267,6 +268,7 @@ class ModelRunner:
         positions = np.full((B, T), -1, np.int32)
         table = np.zeros((B, W), np.int32)
         lengths = np.zeros((B,), np.int32)
+        rope_len = np.zeros((B,), np.int32)
         last = np.zeros((B,), np.int32)
         slots = np.full((B,), self.num_slots, np.int32)
         do_sample = np.zeros((B,), np.bool_)
@@ -277,12 +279,15 @@ class ModelRunner:
             positions[i, : r.n] = np.arange(r.start, r.start + r.n)
             table[i, : len(s.pages)] = s.pages
             lengths[i] = r.start
+            # Every token of the prompt is rotated for the prompt's whole length, whatever the chunking (a
+            # recomputed output token at position p gets max(prompt, p + 1) = p + 1, as when it was decoded).
+            rope_len[i] = s.prompt_len
             last[i] = r.n - 1
             slots[i] = s.slot
             do_sample[i] = r.sample
             samp_rows.append((s.sampling, s.seed, s.num_generated))
         samp = SamplingArrays.build(samp_rows, B)
-        return StepInputs(tokens, positions, table, lengths, last, slots, do_sample, samp)
+        return StepInputs(tokens, positions, table, lengths, rope_len, last, slots, do_sample, samp)
 
     def run(self, rows: list[Row]) -> list[tuple[int, float, np.ndarray, np.ndarray] | None]:
         """Run one scheduler step; per row (token, logprob, top ids, top logprobs) if it sampled, else None."""

@@ -18,8 +18,8 @@ import itertools
 from collections import deque
 from typing import Any
 
-from internlm_jax.engine.pages import PageAllocator, ROOT_HASH, page_hashes
-from internlm_jax.engine.sampling import SamplingParams
+from internlm_jax.engine.pages import ROOT_HASH, PageAllocator, page_hashes
+from internlm_jax.sampling import SamplingParams
 
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
@@ -36,6 +36,7 @@ class Sequence:
     sampling: SamplingParams
     seed: int
     parent: "Sequence | None" = None  # n > 1: children wait for the first sample's prompt pages
+    hash_root: bytes = ROOT_HASH  # start of the prefix-hash chain: also keys the rotation its pages hold
     status: str = WAITING
     num_computed: int = 0
     pages: list[int] = dataclasses.field(default_factory=list)
@@ -59,7 +60,7 @@ class Sequence:
 
     def full_page_hashes(self, num_pages: int, page_size: int) -> list[bytes]:
         if len(self.hashes) < num_pages:
-            start = self.hashes[-1] if self.hashes else ROOT_HASH
+            start = self.hashes[-1] if self.hashes else self.hash_root
             self.hashes += page_hashes(self.tokens, page_size, num_pages, start, len(self.hashes))
         return self.hashes[:num_pages]
 

@@ -15,10 +15,9 @@ Boundary rules (what `split_context_continuation` does, in order):
    with it (a rendered chat prompt begins with "<s>").
 
 Padding rules (why batch size cannot change a score): rows are right-padded; attention is causal by index,
-so real tokens never see padding. Pad slots get position 0, so dynamic NTK rope, which reads the largest
-position in the batch, sees the longest real row only; a row longer than max_position_embeddings under
-dynamic NTK is scored alone, so no other row's base depends on it. Shapes are bucketed (batch rows fixed,
-length a power of two) to keep the number of compiled programs small.
+so real tokens never see padding. Pad slots get position -1, so each row's dynamic-NTK rotation is that of
+its own true length (the model computes the base per row). Shapes are bucketed (batch rows fixed, length a
+power of two) to keep the number of compiled programs small.
 """
 
 from __future__ import annotations
@@ -156,12 +155,10 @@ def bucket_length(n: int, limit: int, minimum: int = 16) -> int:
     return min(b, limit) if n <= limit else b
 
 
-def plan_batches(lengths: Sequence[int], batch_size: int, alone: Callable[[int], bool]) -> list[list[int]]:
-    """Indices grouped into batches, longest first (less padding); rows for which `alone(length)` go solo."""
+def plan_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches, longest first (less padding)."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    solo = [[i] for i in order if alone(lengths[i])]
-    rest = [i for i in order if not alone(lengths[i])]
-    return solo + [rest[s: s + batch_size] for s in range(0, len(rest), batch_size)]
+    return [order[s: s + batch_size] for s in range(0, len(order), batch_size)]
 
 
 def truncate_left(ctx: list[int], cont: list[int], max_length: int, bos_id: int) -> tuple[list[int], list[int]]:
@@ -190,9 +187,6 @@ class Scorer:
         self.max_length = int(max_length or context_limit(config))
         self.forwards = 0  # number of batched forward calls (tests and progress)
 
-    def _alone(self, n: int) -> bool:
-        return self.config.rope_scaling is not None and n > self.config.max_position_embeddings
-
     def _run(self, fn, *args, **kwargs):
         from internlm_jax.sharding import use_mesh
 
@@ -209,12 +203,12 @@ class Scorer:
         seqs = [c + x for c, x in reqs]
         lengths = [len(s) - 1 for s in seqs]  # model input length
         results: list[ScoreResult | None] = [None] * len(reqs)
-        for idx in plan_batches(lengths, self.batch_size, self._alone):
+        for idx in plan_batches(lengths, self.batch_size):
             t = bucket_length(max(lengths[i] for i in idx), self.max_length)
-            rows = self.batch_size if len(idx) > 1 or not self._alone(lengths[idx[0]]) else 1
+            rows = self.batch_size
             inputs = np.full((rows, t), self.config.pad_token_id, np.int32)
             targets = np.zeros((rows, t), np.int32)
-            positions = np.zeros((rows, t), np.int32)  # pads at 0: see the module doc on dynamic NTK
+            positions = np.full((rows, t), -1, np.int32)  # pads at -1: see the module doc on dynamic NTK
             for r, i in enumerate(idx):
                 s = seqs[i]
                 inputs[r, : len(s) - 1] = s[:-1]
@@ -239,11 +233,11 @@ class Scorer:
         n_cand = max(len(c) for c in candidates)
         width = max(8, 1 << (n_cand - 1).bit_length())
         out: list[np.ndarray | None] = [None] * len(ctxs)
-        for idx in plan_batches(lengths, self.batch_size, self._alone):
+        for idx in plan_batches(lengths, self.batch_size):
             t = bucket_length(max(lengths[i] for i in idx), self.max_length)
-            rows = self.batch_size if len(idx) > 1 or not self._alone(lengths[idx[0]]) else 1
+            rows = self.batch_size
             inputs = np.full((rows, t), self.config.pad_token_id, np.int32)
-            positions = np.zeros((rows, t), np.int32)
+            positions = np.full((rows, t), -1, np.int32)
             last = np.zeros((rows,), np.int32)
             cand = np.zeros((rows, width), np.int32)
             for r, i in enumerate(idx):

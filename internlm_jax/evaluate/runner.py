@@ -40,6 +40,7 @@ class ModelSpec:
     dtype: str | None = None
     batch_size: int = 8
     max_length: int | None = None  # default: the model's context
+    max_context: int | None = None  # allow inputs beyond the trained context (dynamic-NTK extrapolation)
     mesh: MeshConfig | None = None  # shard params and batches over devices (e.g. {data: -1} or {tensor: 8})
     quant: Literal["none", "int4"] = "none"  # int4 weight-only round-to-nearest at load time
     quant_group_size: int = 128
@@ -108,19 +109,9 @@ def build_model(spec: ModelSpec) -> EvalModel:
     from internlm_jax.sharding import make_mesh
 
     mesh = make_mesh(spec.mesh) if spec.mesh is not None else None
-    if spec.preset is not None:
-        lm = ij.init(spec.preset, seed=spec.seed, dtype=spec.dtype, tokenizer=spec.tokenizer, mesh=mesh)
-    else:
-        quant_io = _optional("internlm_jax.quant.io")
-        if quant_io is not None and quant_io.is_quantized_checkpoint(spec.path):
-            lm = quant_io.load_quantized_lm(spec.path, tokenizer=spec.tokenizer)  # already int4
-        else:
-            lm = ij.load(spec.path, dtype=spec.dtype, tokenizer=spec.tokenizer, mesh=mesh)
-    if spec.quant == "int4":
-        int4 = _optional("internlm_jax.quant.int4")
-        if int4 is None:
-            raise ConfigError(f"model {spec.name!r}: quant int4 needs internlm_jax.quant.int4, which this build lacks")
-        lm.params = int4.quantize_params(lm.params, lm.config, group_size=spec.quant_group_size)
+    lm = ij.load(spec.preset if spec.preset is not None else spec.path, dtype=spec.dtype, tokenizer=spec.tokenizer,
+                 mesh=mesh, quant=spec.quant, quant_group_size=spec.quant_group_size, max_context=spec.max_context,
+                 random_weights=spec.preset is not None, seed=spec.seed)
     generator = None
     if spec.generator == "engine":
         from internlm_jax.engine import Engine, EngineConfig
@@ -132,15 +123,6 @@ def build_model(spec: ModelSpec) -> EvalModel:
                                     lm.tokenizer)
     return LocalModel(lm, name=spec.name, batch_size=spec.batch_size, max_length=spec.max_length,
                       generator=generator)
-
-
-def _optional(module: str) -> Any:
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError:
-        return None
 
 
 @dataclasses.dataclass

@@ -62,7 +62,7 @@ def _tapped_layer(config: ModelConfig, x, lp, cos, sin, positions, select):
     lp = dict(lp)
     for name in ("wqkv", "wo", "w1", "w2"):
         lp[name] = _Tap(lp[name], name, store)
-    y, _ = model_lib._layer(config, x, lp, cos, sin, positions, None, None, None)
+    y, _ = model_lib._layer(config, x, lp, cos, sin, positions, None, None, None, 0)
     sums, rows = {}, {}
     for name, v in store.items():
         flat = v.reshape(-1, math.prod(v.shape[2:])).astype(jnp.float32)
@@ -154,7 +154,7 @@ def awq_scale(params: dict[str, Any], config: ModelConfig, calib: Any, *, target
     rng = np.random.default_rng(0)
     selects = [jnp.asarray(np.sort(rng.choice(B * T, per_batch, replace=False))) for _ in batches]
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    cos, sin = rope_tables(config, positions, T)
+    cos, sin = rope_tables(config, positions)
     dtype = jnp.dtype(config.dtype)
     xs = [jnp.take(params["embed"], jnp.asarray(b), axis=0).astype(dtype) for b in batches]
     K, G, H = config.num_kv_heads, config.groups, config.head_dim

@@ -5,7 +5,7 @@
 
 Calibration / evaluation files are jsonl, one object per line with "text" (tokenized with the model's
 tokenizer, BOS added) or "input_ids" (a list of token ids). Tokens are concatenated and cut into rows of
---calib-seqlen (as AutoAWQ does). Load the result with `internlm_jax.quant.load_quantized_lm(DIR)`.
+--calib-seqlen (as AutoAWQ does). Load the result with `ij.load(DIR)`.
 """
 
 from __future__ import annotations
@@ -85,16 +85,12 @@ def read_token_rows(path: str, tokenizer: Any, seqlen: int, max_rows: int) -> np
 
 def _load_model(args: argparse.Namespace):
     import internlm_jax as ij
+    from internlm_jax.quant.io import is_quantized_checkpoint
 
-    if os.path.exists(args.model):
-        from internlm_jax.quant.io import is_quantized_checkpoint
-
-        if is_quantized_checkpoint(args.model):
-            raise ConfigError(f"{args.model} is already a quantized checkpoint; quantize the original model")
-        return ij.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer), False
-    if args.model in PRESETS:
-        return ij.init(args.model, dtype=args.dtype, tokenizer=args.tokenizer), True
-    raise ConfigError(f"--model {args.model!r} is neither a folder nor a preset ({', '.join(sorted(PRESETS))})")
+    if os.path.exists(args.model) and is_quantized_checkpoint(args.model):
+        raise ConfigError(f"{args.model} is already a quantized checkpoint; quantize the original model")
+    random_weights = not os.path.exists(args.model) and args.model in PRESETS
+    return ij.load(args.model, dtype=args.dtype, tokenizer=args.tokenizer, random_weights=True), random_weights
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -169,22 +169,6 @@ def load_quantized(path: str | os.PathLike) -> tuple[ModelConfig, Any, dict[str,
     return config, params, manifest.get("quantization", {})
 
 
-def load_quantized_lm(path: str | os.PathLike, tokenizer: Any = None) -> Any:
-    """An `internlm_jax.LM` over a quantized checkpoint (tokenizer: a folder, an object, or taken from `path`)."""
-    from internlm_jax.api import LM
-
-    config, params, _ = load_quantized(path)
-    tok_dir = tokenizer if tokenizer is not None else os.fspath(path)
-    tok = tokenizer
-    if isinstance(tok_dir, (str, os.PathLike)):
-        tok = None
-        if os.path.exists(os.path.join(tok_dir, "tokenizer.model")):
-            from internlm_jax.tokenizer import Tokenizer
-
-            tok = Tokenizer.from_dir(tok_dir)
-    return LM(config, params, tok)
-
-
 def _jsonable(x: Any) -> Any:
     if isinstance(x, dict):
         return {str(k): _jsonable(v) for k, v in x.items()}

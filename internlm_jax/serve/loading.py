@@ -7,8 +7,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import inspect
 import logging
 import os
 from typing import Any
@@ -61,48 +59,23 @@ def _mesh(tp: int) -> Any:
     return make_mesh(MeshConfig(data=1, fsdp=1, sequence=1, tensor=tp), devices=devices[:tp])
 
 
-def _quantize(params: Any, config: Any, group_size: int) -> Any:
-    try:
-        mod = importlib.import_module("internlm_jax.quant.int4")
-    except ModuleNotFoundError as e:
-        raise ConfigError("--quant int4 needs internlm_jax.quant.int4, which this build lacks") from e
-    fn = mod.quantize_params
-    kwargs = {"group_size": group_size} if "group_size" in inspect.signature(fn).parameters else {}
-    return fn(params, config, **kwargs)
-
-
 def load_lm(args: argparse.Namespace) -> tuple[Any, bool]:
-    """(LM, random_weights) for --model / --tokenizer / --dtype / --tp / --quant."""
+    """(LM, random_weights) for --model / --tokenizer / --dtype / --tp / --quant / --max-context."""
     import internlm_jax as ij
 
-    mesh = _mesh(args.tp)
     path = os.fspath(args.model)
-    random_weights = False
-    if os.path.exists(path):
-        quant_io = None
-        try:
-            quant_io = importlib.import_module("internlm_jax.quant.io")
-        except ModuleNotFoundError:
-            pass
-        if quant_io is not None and quant_io.is_quantized_checkpoint(path):
-            lm = quant_io.load_quantized_lm(path, tokenizer=args.tokenizer)
-        else:
-            lm = ij.load(path, dtype=args.dtype, mesh=mesh, tokenizer=args.tokenizer)
-    elif path in PRESETS:
-        random_weights = True
+    random_weights = not os.path.exists(path) and path in PRESETS
+    if random_weights:
         log.warning("=" * 78)
         log.warning("--model %s is a preset: serving RANDOM WEIGHTS (for testing only; replies are noise)", path)
         log.warning("=" * 78)
-        lm = ij.init(path, seed=args.seed, dtype=args.dtype, mesh=mesh, tokenizer=args.tokenizer)
-    else:
-        raise ConfigError(f"--model {path!r} is neither an existing folder nor a preset; give an InternLM2 HF "
-                          f"folder, an internlm-jax checkpoint, or one of: {', '.join(sorted(PRESETS))}")
+    lm = ij.load(path, dtype=args.dtype, mesh=_mesh(args.tp), tokenizer=args.tokenizer, quant=args.quant,
+                 quant_group_size=args.quant_group_size, max_context=args.max_context,
+                 random_weights=True, seed=args.seed)
     if lm.tokenizer is None:
         log.warning("no tokenizer: only token-id prompts to /v1/completions will work (pass --tokenizer DIR)")
     if args.quant == "int4":
-        lm.params = _quantize(lm.params, lm.config, args.quant_group_size)
         log.info("weights quantized to int4 (group size %d)", args.quant_group_size)
-    lm.mesh = mesh
     return lm, random_weights
 
 
@@ -127,10 +100,9 @@ def build_engine(lm: Any, args: argparse.Namespace) -> Any:
     from internlm_jax.api import context_limit
     from internlm_jax.engine import Engine, EngineConfig
 
+    # Default: the trained context, capped at max_position_embeddings (dynamic NTK past it is opt-in);
+    # --max-context N was applied at load (a warning above the trained range) and is the limit then.
     max_len = args.max_context or min(context_limit(lm.config), lm.config.max_position_embeddings)
-    if args.max_context and args.max_context > context_limit(lm.config):
-        raise ConfigError(f"--max-context {args.max_context} exceeds the model's context of "
-                          f"{context_limit(lm.config)} tokens")
     batched = args.max_num_batched_tokens or max(512, 2 * args.max_batch)
     buckets = _buckets(args.engine_buckets)
     extra: dict[str, Any] = {}

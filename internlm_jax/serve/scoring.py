@@ -4,8 +4,8 @@ The engine only scores the tokens it samples, so the prompt's own logprobs come 
 of the model (the same pure `forward`, on the engine's already placed params). Shapes are bucketed (rows
 1 or `batch`, length a power of two >= 16) so few programs exist; the output head runs in length chunks so
 only [B, chunk, V] logits are live (V = 92544 for InternLM2). Right padding cannot change a score:
-attention is causal by index and pads sit after the real tokens at position 0 (dynamic NTK rope reads the
-largest position, which is then the longest real row's).
+attention is causal by index and pads sit after the real tokens at position -1 (each row's dynamic-NTK
+rotation is then that of its own true length).
 
 Each compiled shape is counted (`compiles`); `warmup()` compiles them all up front when asked for.
 """
@@ -127,7 +127,7 @@ class PromptScorer:
                 t = _bucket(max(len(prompts[i]) for i in idx), self.max_len)
                 rows = 1 if len(idx) == 1 else self.batch
                 tokens = np.full((rows, t), self.config.pad_token_id, np.int32)
-                positions = np.zeros((rows, t), np.int32)  # pads at position 0 (see the module doc)
+                positions = np.full((rows, t), -1, np.int32)  # pads at position -1 (see the module doc)
                 for r, i in enumerate(idx):
                     tokens[r, : len(prompts[i])] = prompts[i]
                     positions[r, : len(prompts[i])] = np.arange(len(prompts[i]))

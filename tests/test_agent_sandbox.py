@@ -1,6 +1,7 @@
 """The sandboxed interpreter: ordinary code works and keeps state; hostile code is refused or stopped and the
-host is untouched; a killed session restarts. Runs in `process` isolation, and in `namespace` isolation
-too when the tests run as root (then the kernel's own enforcement is tested with the audit hook off)."""
+host is untouched; a killed session restarts. Runs in `unsafe-process` isolation, and in `namespace`
+isolation (bubblewrap) where bwrap is installed (then the kernel's own enforcement is tested with the audit
+hook off). The issue-23 attacks are in test_agent_sandbox_attacks.py."""
 
 from __future__ import annotations
 
@@ -13,12 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from internlm_jax.agent import PythonInterpreter, Sandbox, SandboxConfig
+from internlm_jax.agent import PythonInterpreter, Sandbox, SandboxConfig, SandboxError, _isolation
+from internlm_jax.agent.sandbox import available
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
 
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-ISOLATIONS = ["process"] + (["namespace"] if IS_ROOT else [])
+HAS_BWRAP = available()
+ISOLATIONS = ["unsafe-process"] + (["namespace"] if HAS_BWRAP else [])
 
 
 @pytest.fixture(scope="module", params=ISOLATIONS)
@@ -215,7 +218,7 @@ def test_crash_is_reported_and_restartable(sb):
 
 
 def test_python_interpreter_tool_restarts_by_itself():
-    with PythonInterpreter(SandboxConfig(isolation="process", wall_seconds=5)) as interp:
+    with PythonInterpreter(SandboxConfig(isolation="unsafe-process", wall_seconds=5)) as interp:
         assert interp.tool({"code": "x = 20\nprint('x is', x)\nx + 1"}).content == "x is 20\n21"
         died = interp.tool({"code": "import os; os._exit(3)"})
         assert not died.ok and died.error == ("the sandbox process died (exit code 3); the session state is lost, "
@@ -228,21 +231,29 @@ def test_python_interpreter_tool_restarts_by_itself():
             "ZeroDivisionError: division by zero")
 
 
-@pytest.mark.skipif(not IS_ROOT, reason="namespace isolation needs root")
+@pytest.mark.skipif(not HAS_BWRAP, reason="bubblewrap (bwrap) is not installed: apt-get install bubblewrap")
 def test_the_kernel_enforces_the_policy_without_the_audit_hook(tmp_path):
     """With the audit hook off, what remains is the kernel's view: no host files, read-only system folders,
-    no network, uid nobody, a process cap."""
-    with Sandbox(isolation="namespace", audit_hook=False, wall_seconds=10, memory_mb=1024) as sb:
+    no network, uid nobody in a user namespace of its own (a host uid of its own as root), a process cap."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    port = listener.getsockname()[1]
+    with listener, Sandbox(isolation="namespace", audit_hook=False, wall_seconds=10, memory_mb=1024) as sb:
         me = os.getpid()
-        for ns in ("mnt", "net", "ipc", "uts"):
+        for ns in ("mnt", "net", "ipc", "uts", "pid", "user", "cgroup"):
             assert os.readlink(f"/proc/{sb.pid}/ns/{ns}") != os.readlink(f"/proc/{me}/ns/{ns}")
-        assert Path(f"/proc/{sb.pid}/status").read_text().split("Uid:")[1].split()[:2] == ["65534", "65534"]
+        host_uid = Path(f"/proc/{sb.pid}/status").read_text().split("Uid:")[1].split()[:2]
+        assert host_uid == [str(sb.info["host_uid"])] * 2 and (not IS_ROOT or sb.info["host_uid"] >= 2**30)
+        assert sb.run("import os; os.getuid(), os.getgid(), os.getpid()").result == "(65534, 65534, 2)"
         checks = {
             "open('/etc/passwd').read()": "FileNotFoundError: [Errno 2] No such file or directory: '/etc/passwd'",
             f"open({str(tmp_path / 'x')!r}, 'w')": "FileNotFoundError",
             "open('/usr/pwned', 'w')": "OSError: [Errno 30] Read-only file system: '/usr/pwned'",
             "open('/pwned', 'w')": "OSError: [Errno 30] Read-only file system: '/pwned'",
-            "import socket; socket.create_connection(('127.0.0.1', 22), timeout=1)":
+            f"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=1)":  # its own loopback
+                "ConnectionRefusedError: [Errno 111] Connection refused",
+            "import socket; socket.create_connection(('10.0.0.1', 80), timeout=1)":
                 "OSError: [Errno 101] Network is unreachable",
             "b = bytearray(10 * 2**30)": "MemoryError",
         }
@@ -263,7 +274,19 @@ def test_the_kernel_enforces_the_policy_without_the_audit_hook(tmp_path):
 def test_config_is_validated():
     with pytest.raises(ValueError, match="isolation must be"):
         SandboxConfig(isolation="docker")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'process' is now called 'unsafe-process'"):
+        SandboxConfig(isolation="process")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="wall_seconds must be positive"):
         SandboxConfig(wall_seconds=0)
     with pytest.raises(ValueError, match="memory_mb=64 is too small"):
         SandboxConfig(memory_mb=64)
+
+
+def test_without_bwrap_the_sandbox_refuses_to_start(monkeypatch):
+    monkeypatch.setattr(_isolation, "find_bwrap", lambda: None)
+    sb = Sandbox(wall_seconds=5)
+    try:
+        with pytest.raises(SandboxError, match=r"needs bubblewrap .*apt-get install bubblewrap.*unsafe-process"):
+            sb.start()
+    finally:
+        sb.close()

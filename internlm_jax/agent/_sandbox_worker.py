@@ -1,24 +1,26 @@
-"""The sandboxed interpreter process. Standard library only: it runs as `python -I -B <this file> <config>`.
+"""The sandboxed interpreter process. Standard library only: it runs as `python -I -B <this file>`.
+
+`namespace` isolation: the host starts this file under bubblewrap, which has already put it in its own user,
+PID, mount, network, IPC, UTS and cgroup namespaces, as uid nobody there (a host uid of its own), with a
+read-only root holding only the system libraries and the Python installation, the workspace read-write,
+no_new_privs and a seccomp filter. `unsafe-process` isolation: none of that, only what follows.
 
 Start-up, in order (each step can only tighten what the previous one allowed):
-1. `namespace` isolation (root only): new mount, network, IPC and UTS namespaces; a read-only tmpfs root
-   holding read-only bind mounts of the system library folders and the Python installation, the workspace
-   mounted read-write (noexec, nosuid, nodev) at its own path; chroot into it. Host files outside those
-   mounts do not exist for the sandbox, and there is no network interface but an unconfigured loopback.
-   `process` isolation: only a new network namespace when the kernel allows it.
-2. Pre-import modules (numpy) while the file system is still fully readable.
-3. As root: drop to uid/gid `nobody` with no supplementary groups and `no_new_privs`.
-4. Resource limits: address space, CPU seconds (session cap; the parent lowers the soft limit before each
-   call), processes, file size, open files, no core dumps.
-5. An audit hook (PEP 578) that refuses reads outside the workspace and the Python installation, writes
-   outside the workspace, symbolic links pointing out of it, changing the working directory, sockets,
-   subprocesses, fork, exec, signals to other processes, ctypes, native extensions from the workspace, and
-   the gc walks that could reach the hook itself; C functions that act without an audit event are replaced
-   by refusals. Audit hooks are not a security boundary on their own (PEP 578 says so); in `namespace` mode
-   the kernel enforces the same policy underneath.
+1. The pipes arrive as fds 0 (requests) and 1 (replies); they move to 3 and 4, every other fd is closed and
+   0, 1, 2 become /dev/null. The config is the first request.
+2. `unsafe-process` only: a new network namespace when the kernel allows it.
+3. Pre-import modules (numpy) while the file system is still fully readable to this process.
+4. Resource limits: address space, CPU seconds (session cap; the soft limit is lowered before each call),
+   processes (a per-user count: bubblewrap gives each session its own user), file size, open files, no cores.
+5. An audit hook (PEP 578), a second layer under the kernel's: it refuses reads outside the workspace and the
+   Python installation, writes outside the workspace, symbolic links pointing out of it, changing the working
+   directory, sockets, subprocesses, fork, exec, signals, ctypes, native extensions from the workspace, and the
+   gc walks that could reach the hook itself; C functions that act without an audit event are replaced by
+   refusals. Audit hooks are not a security boundary on their own (PEP 578 says so).
 
-Protocol: length-prefixed (8 bytes, big-endian) UTF-8 JSON messages over two pipes whose numbers are in the
-config. The first message out is {"ready": true, ...} or {"ready": false, "error": ...}.
+Protocol: length-prefixed (8 bytes, big-endian) UTF-8 JSON messages. Every request carries a nonce that its
+reply repeats; the first reply is {"ready": true, ...} or {"ready": false, "error": ...}. Cell code can write
+to the reply pipe: the host bounds what it reads and ends the session on anything that is not the reply.
 """
 
 import ast
@@ -30,9 +32,6 @@ import signal
 import stat
 import sys
 import traceback
-
-NOBODY = 65534
-
 
 # ---- protocol -----------------------------------------------------------------------------------------------
 
@@ -59,86 +58,38 @@ def send(fd, message):
         data = data[os.write(fd, data):]
 
 
-# ---- namespaces -------------------------------------------------------------------------------------------
+# ---- isolation ----------------------------------------------------------------------------------------
 
-CLONE_NEWNS, CLONE_NEWUTS, CLONE_NEWIPC = 0x00020000, 0x04000000, 0x08000000
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
-MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
-PR_SET_NO_NEW_PRIVS = 38
 
 
-def _libc():
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-
-    def check(result, what):
-        if result != 0:
-            errno = ctypes.get_errno()
-            raise OSError(errno, f"{what}: {os.strerror(errno)}")
-
-    def mount(source, target, fstype, flags, data=None):
-        enc = (lambda s: None if s is None else s.encode())
-        check(libc.mount(enc(source), enc(target), enc(fstype), ctypes.c_ulong(flags), enc(data)),
-              f"mount {source} -> {target}")
-
-    return libc, check, mount
+def take_pipes():
+    """Requests on fd 3, replies on fd 4, nothing else open; 0, 1 and 2 on /dev/null."""
+    os.dup2(0, 3)
+    os.dup2(1, 4)
+    os.closerange(5, 1 << 20)
+    null = os.open("/dev/null", os.O_RDWR)
+    for fd in (0, 1):
+        os.dup2(null, fd)
+    os.close(null)
+    return 3, 4
 
 
-def setup_namespace(cfg):
-    """Private mount/net/ipc/uts namespaces and a chroot that holds only what Python needs + the workspace."""
-    libc, check, mount = _libc()
-    check(libc.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS), "unshare")
-    mount(None, "/", None, MS_REC | MS_PRIVATE)
-    root = cfg["root_dir"]
-    mount("tmpfs", root, "tmpfs", MS_NOSUID | MS_NODEV, "size=4m,mode=755")
-    ro = MS_BIND | MS_REMOUNT | MS_RDONLY | MS_NOSUID
-
-    def bind(path, flags, make_file=False):
-        target = root + path
-        if make_file:
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            open(target, "w").close()
-        else:
-            os.makedirs(target, exist_ok=True)
-        mount(path, target, None, MS_BIND | MS_REC)
-        mount(None, target, None, flags)
-
-    for path in cfg["ro_paths"]:
-        if os.path.islink(path):
-            os.makedirs(os.path.dirname(root + path), exist_ok=True)
-            os.symlink(os.readlink(path), root + path)
-        elif os.path.isdir(path):
-            bind(path, ro | MS_NODEV)
-        elif os.path.isfile(path):
-            bind(path, ro | MS_NODEV, make_file=True)
-    for dev in ("/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"):
-        if os.path.exists(dev):
-            bind(dev, MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NOEXEC, make_file=True)
-    bind(cfg["workspace"], MS_BIND | MS_REMOUNT | MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    mount(None, root, None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV)
-    os.chroot(root)
-    os.chdir(cfg["workspace"])
+def quiet_stderr():
+    null = os.open("/dev/null", os.O_RDWR)
+    os.dup2(null, 2)
+    os.close(null)
 
 
 def try_network_namespace():
-    """`process` isolation: take the network away when the kernel lets us (root, or user namespaces)."""
+    """`unsafe-process` isolation: take the network away when the kernel lets us (root, or user namespaces)."""
+    import ctypes
+
     try:
-        libc, check, _ = _libc()
-        flags = CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET
-        check(libc.unshare(flags), "unshare")
-        return True
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.unshare(CLONE_NEWNET if os.geteuid() == 0 else CLONE_NEWUSER | CLONE_NEWNET) == 0
     except OSError:
         return False
-
-
-def drop_privileges():
-    libc, check, _ = _libc()
-    os.setgroups([])
-    os.setgid(NOBODY)
-    os.setuid(NOBODY)
-    check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(no_new_privs)")
 
 
 def set_limits(cfg):
@@ -206,18 +157,9 @@ def install_audit_hook(workspace, read_roots, trust_dir_fds):
             return _pstr(path)
         refuse(f"a path of type {t.__name__}")
 
-    def normalize(path):
-        out = []
-        for part in path.split("/"):
-            if part == "..":
-                if out:
-                    out.pop()
-            elif part and part != ".":
-                out.append(part)
-        return "/" + "/".join(out)
-
     def resolve(path, dir_fd=None):
-        """Absolute, normalized, with symlinks resolved (a missing tail stays as written)."""
+        """Absolute, with '..' and symbolic links taken in the kernel's order (a link first, then the '..'
+        after it, from where the link led); a missing tail stays as written."""
         if not path.startswith("/"):
             if dir_fd is None or dir_fd == -1:
                 base = _getcwd()
@@ -229,25 +171,32 @@ def install_audit_hook(workspace, read_roots, trust_dir_fds):
                         return None  # namespace mode: the kernel's view is the boundary
                     refuse("a dir_fd whose folder cannot be resolved")
             path = base + "/" + path
-        path = normalize(path)
-        for _ in _range(40):
-            parts = path.split("/")[1:]
-            done = ""
-            for i in _range(_len(parts)):
-                candidate = done + "/" + parts[i]
-                try:
-                    is_link = _S_ISLNK(_lstat(candidate).st_mode)
-                except _OSError:
-                    return path
-                if is_link:
-                    target = _readlink(candidate)
-                    rest = "/".join(parts[i + 1:])
-                    path = normalize((target if target.startswith("/") else done + "/" + target) + "/" + rest)
-                    break
+        todo = [p for p in path.split("/") if p]
+        todo.reverse()
+        done, links = "", 0
+        while todo:
+            part = todo.pop()
+            if part == ".":
+                continue
+            if part == "..":
+                done = done.rsplit("/", 1)[0]
+                continue
+            candidate = done + "/" + part
+            try:
+                is_link = _S_ISLNK(_lstat(candidate).st_mode)
+            except _OSError:
+                is_link = False
+            if not is_link:
                 done = candidate
-            else:
-                return path
-        refuse("a path with too many symbolic links")
+                continue
+            links += 1
+            if links > 40:
+                refuse("a path with too many symbolic links")
+            target = _readlink(candidate)
+            if target.startswith("/"):
+                done = ""
+            todo += reversed([p for p in target.split("/") if p])
+        return done or "/"
 
     def under(path, bases):
         for base in bases:
@@ -337,6 +286,24 @@ def install_audit_hook(workspace, read_roots, trust_dir_fds):
             refuse(event)  # an os operation this hook does not know how to check: closed by default
 
     sys.addaudithook(hook)
+    guard_builtin_modules(refused_imports)
+
+
+def guard_builtin_modules(refused):
+    """importlib.util.module_from_spec(find_spec("posix")) builds a fresh built-in module (with the original
+    functions this worker replaced) through _imp.create_builtin, which raises no audit event: refuse it there."""
+    import _imp
+
+    original = _imp.create_builtin
+    names = frozenset(refused) | {"_imp"}
+
+    def create_builtin(spec):
+        name = getattr(spec, "name", None)
+        if type(name) is not str or name in names:
+            raise ImportError(f"sandbox: module {name} is not available", name=name)
+        return original(spec)
+
+    _imp.create_builtin = create_builtin
 
 
 def disable_unaudited():
@@ -472,16 +439,11 @@ def run_cell(code, namespace, counter, limit, cpu_seconds):
 
 
 def main():
-    cfg = json.loads(sys.argv[1])
-    rfd, wfd = cfg["request_fd"], cfg["response_fd"]
+    rfd, wfd = take_pipes()
+    cfg = recv(rfd)
     try:
-        network_isolated = False
-        if cfg["isolation"] == "namespace":
-            setup_namespace(cfg)
-            network_isolated = True
-        else:
-            os.chdir(cfg["workspace"])
-            network_isolated = try_network_namespace()
+        os.chdir(cfg["workspace"])
+        network_isolated = cfg["isolation"] == "namespace" or try_network_namespace()
         preimported = []
         for name in cfg["preimport"]:
             try:
@@ -489,19 +451,18 @@ def main():
                 preimported.append(name)
             except ImportError:
                 pass
-        if os.geteuid() == 0 and cfg["isolation"] == "namespace":
-            drop_privileges()
         set_limits(cfg)
         signal.signal(signal.SIGXCPU, _on_sigxcpu)
         disable_unaudited()
-        read_roots = [p for p in cfg["read_roots"]]
         if cfg["audit_hook"]:
-            install_audit_hook(cfg["workspace"], read_roots, trust_dir_fds=cfg["isolation"] == "namespace")
+            install_audit_hook(cfg["workspace"], cfg["read_roots"], trust_dir_fds=cfg["isolation"] == "namespace")
     except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises a clear error
-        send(wfd, {"ready": False, "error": "".join(traceback.format_exception(type(e), e, e.__traceback__))})
+        send(wfd, {"ready": False, "nonce": cfg["nonce"],
+                   "error": "".join(traceback.format_exception(type(e), e, e.__traceback__))})
         return
-    send(wfd, {"ready": True, "pid": os.getpid(), "uid": os.getuid(), "network_isolated": network_isolated,
-               "preimported": preimported})
+    quiet_stderr()
+    send(wfd, {"ready": True, "nonce": cfg["nonce"], "pid": os.getpid(), "uid": os.getuid(),
+               "network_isolated": network_isolated, "preimported": preimported})
     signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGINT])
     namespace = {"__name__": "__main__", "__builtins__": __builtins__}
     counter = 0
@@ -516,6 +477,7 @@ def main():
         except BaseException as e:  # noqa: BLE001 - a signal that landed while the cell's error was formatted
             reply = {"stdout": "", "result": None, "error": f"{type(e).__name__}: {e}",
                      "error_type": type(e).__name__}
+        reply["nonce"] = request["nonce"]
         send(wfd, reply)
 
 

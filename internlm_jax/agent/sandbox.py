@@ -6,17 +6,22 @@
         sb.run("open('/etc/passwd').read()").error   # '... PermissionError: sandbox: reading /etc/passwd ...'
 
 Limits per call: wall time (interrupt, then kill), CPU seconds (SIGXCPU -> the cell fails); per session:
-address space, a CPU-seconds cap, processes, file size, open files. Isolation levels (`SandboxConfig.isolation`):
+address space, a CPU-seconds cap, processes/threads, file size, the workspace's total size, open files.
+Isolation levels (`SandboxConfig.isolation`):
 
-- `namespace` (needs root on Linux): private mount/network/IPC/UTS namespaces, a chroot that holds only the
-  system libraries and the Python installation (read-only) and the workspace (read-write, noexec), uid
-  `nobody`, no_new_privs, plus the audit hook. The kernel enforces the file and network policy.
-- `process`: the audit hook, rlimits and, where the kernel allows it, a private network namespace. The audit
-  hook refuses the obvious (open, sockets, fork, ctypes, ...) but CPython audit hooks are not a security
-  boundary against determined code; use `namespace` (run as root, e.g. in a container) for untrusted code.
-- `auto` (default): `namespace` when running as root on Linux, else `process`.
+- `namespace` (the default; `auto` is the same): bubblewrap (Debian's `bubblewrap` package) runs the worker in
+  its own user, PID, mount, network, IPC, UTS and cgroup namespaces, as a host uid leased to this session
+  alone (when the host runs as root), with a seccomp filter that denies signalling or inspecting other
+  processes and making namespaces, no host fds but its own pipes, a read-only root holding only the system
+  libraries and the Python installation, and the workspace: a size-capped tmpfs (root) that survives
+  restart(). Per-session cgroups cap its processes, memory and CPU where the host may create them, rlimits in
+  its own user namespace otherwise. The PID namespace dies with the session: close() leaves no process.
+  Without bwrap the sandbox refuses to start.
+- `unsafe-process`: the audit hook and rlimits only, no kernel isolation; for trusted code only. CPython audit
+  hooks are not a security boundary against determined code.
 
-Linux only: the limits are Linux rlimits and the isolation uses Linux namespaces.
+The host treats the worker as hostile: replies are bounded in size and time and must answer the call they
+claim to answer; anything else ends the session (`ExecResult.alive` is False: call restart()). Linux only.
 """
 
 from __future__ import annotations
@@ -25,12 +30,12 @@ import dataclasses
 import json
 import logging
 import os
+import secrets
 import select
 import shutil
 import signal
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -38,10 +43,17 @@ import weakref
 from pathlib import Path
 from typing import Any, Literal, Self
 
+from internlm_jax.agent import _isolation as iso
+from internlm_jax.agent._cgroup import SessionCgroup
+from internlm_jax.agent._channel import Channel, PeerClosed, ProtocolError, check_reply
+from internlm_jax.agent._seccomp import build_filter
+
 log = logging.getLogger(__name__)
 
 _WORKER = Path(__file__).with_name("_sandbox_worker.py")
-_NOBODY = 65534
+_NO_BWRAP = ("the sandbox needs bubblewrap (`bwrap`) for its isolation and it is not installed: install it "
+             "(Debian/Ubuntu: apt-get install bubblewrap), or pass isolation='unsafe-process' to run code with "
+             "no kernel isolation at all (trusted code only)")
 
 
 class SandboxError(RuntimeError):
@@ -55,24 +67,30 @@ class SandboxConfig:
     wall_seconds: float = 30.0          # per call: then SIGINT (state kept), then SIGKILL (session lost)
     cpu_seconds: float = 20.0           # per call: SIGXCPU ends the cell
     cpu_seconds_total: int = 600        # per session: the hard RLIMIT_CPU
-    memory_mb: int = 2048               # RLIMIT_AS of the interpreter process
-    max_processes: int = 32             # RLIMIT_NPROC (enforced when the sandbox does not run as root)
+    memory_mb: int = 2048               # RLIMIT_AS of the interpreter process (the session's cgroup: + workspace)
+    max_processes: int = 32             # processes + threads of the session (its own uid / user namespace)
     max_file_mb: int = 64               # RLIMIT_FSIZE
+    workspace_mb: int = 256             # the temporary workspace's total size (a tmpfs; needs root)
+    cpus: float = 1.0                   # the session's CPU share, where a cgroup can be made
     max_open_files: int = 256           # RLIMIT_NOFILE
     max_output_chars: int = 20_000      # captured stdout/stderr, result repr, traceback: each cut here
     interrupt_grace_seconds: float = 2.0
     startup_seconds: float = 60.0
-    isolation: Literal["auto", "namespace", "process"] = "auto"
+    isolation: Literal["auto", "namespace", "unsafe-process"] = "auto"
     preimport: tuple[str, ...] = ("numpy",)
-    workspace: str | None = None        # None: a fresh temporary folder, removed on close(); a folder you
-    #                                     give is kept, and under namespace isolation chowned to nobody
+    workspace: str | None = None        # None: a fresh size-capped temporary folder, removed on close(); a
+    #                                     folder you give is kept (not size-capped), under namespace isolation
+    #                                     as root given to the session's uid (links in it are not followed)
     audit_hook: bool = True             # False only to test what the kernel enforces on its own
 
     def __post_init__(self) -> None:
-        if self.isolation not in ("auto", "namespace", "process"):
-            raise ValueError(f"isolation must be 'auto', 'namespace' or 'process', got {self.isolation!r}")
+        if self.isolation == "process":
+            raise ValueError("isolation='process' is now called 'unsafe-process' (no kernel isolation, trusted "
+                             "code only); the default, 'namespace', needs bubblewrap")
+        if self.isolation not in ("auto", "namespace", "unsafe-process"):
+            raise ValueError(f"isolation must be 'auto', 'namespace' or 'unsafe-process', got {self.isolation!r}")
         for name in ("wall_seconds", "cpu_seconds", "cpu_seconds_total", "memory_mb", "max_processes",
-                     "max_file_mb", "max_open_files", "max_output_chars"):
+                     "max_file_mb", "workspace_mb", "cpus", "max_open_files", "max_output_chars"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"SandboxConfig.{name} must be positive, got {getattr(self, name)!r}")
         if self.memory_mb < 256:
@@ -104,12 +122,17 @@ class ExecResult:
         return "\n".join(parts)
 
 
+def available() -> bool:
+    """Whether the default (namespace) isolation can run here: Linux and bubblewrap installed."""
+    return sys.platform.startswith("linux") and iso.find_bwrap() is not None
+
+
 class Sandbox:
     """One interpreter session. Variables persist between `run` calls until `restart()` or `close()`."""
 
     def __init__(self, config: SandboxConfig | None = None, **overrides: Any) -> None:
         if not sys.platform.startswith("linux"):
-            raise SandboxError(f"the sandbox needs Linux (rlimits, namespaces); this is {sys.platform}")
+            raise SandboxError(f"the sandbox needs Linux (namespaces, seccomp, rlimits); this is {sys.platform}")
         self.config = dataclasses.replace(config or SandboxConfig(), **overrides)
         self._lock = threading.Lock()
         self._base = Path(tempfile.mkdtemp(prefix="ij-sandbox-")).resolve()
@@ -128,21 +151,21 @@ class Sandbox:
     def start(self) -> Sandbox:
         """Start the interpreter process (done by the first `run` if not called)."""
         with self._lock:
-            if self._proc is None:
+            if self._res.proc is None:
                 self._start()
         return self
 
     def restart(self) -> Sandbox:
         """A fresh interpreter (all variables gone); the workspace files stay."""
         with self._lock:
-            self._stop()
+            self._res.stop()
             self._start()
         return self
 
     def close(self) -> None:
         """Stop the process and remove the temporary folders (a workspace you passed in is kept)."""
         with self._lock:
-            self._stop()
+            self._res.stop()
             self._closed = True
         self._finalizer()
 
@@ -154,74 +177,77 @@ class Sandbox:
 
     @property
     def alive(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None and not _exited(self._proc, 0.0)
+        proc = self._res.proc
+        return proc is not None and proc.returncode is None and not _exited(proc, 0.0)
 
     @property
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
+        """The host pid of the process that runs the cells."""
+        return self._res.worker_pid if self._res.proc is not None else None
 
     # ---- running code ----
 
     def run(self, code: str, timeout: float | None = None) -> ExecResult:
-        """Run one cell. Never raises for the code's own failures: see `ExecResult.error`."""
+        """Run one cell. Never raises or hangs for anything the code does: see `ExecResult.error`."""
         if not isinstance(code, str):
             raise TypeError(f"code must be a str, got {type(code).__name__}")
         with self._lock:
-            if self._proc is None:
+            if self._res.proc is None:
                 self._start()
-            if not self.alive:
+            if not self.alive or self._res.channel is None:
                 return ExecResult("", error="the sandbox session is not running (it crashed or was killed); "
                                   "call restart() for a fresh one", alive=False)
-            return self._run(code, self.config.wall_seconds if timeout is None else timeout)
+            wall = self.config.wall_seconds if timeout is None else timeout
+            start = time.monotonic()
+            try:
+                return self._run(code, wall, start)
+            except (PeerClosed, OSError):
+                return self._died()
+            except ProtocolError as e:
+                self._res.kill()
+                late = time.monotonic() - start >= wall
+                return ExecResult("", error=f"the sandbox session broke the protocol with the host: {e}; it was "
+                                  "stopped, the session state is lost, call restart()", timed_out=late, alive=False)
 
-    def _run(self, code: str, wall: float) -> ExecResult:
-        assert self._proc is not None
-        try:
-            _send(self._req_w, {"code": code})
-        except (BrokenPipeError, OSError):
-            return self._died()
-        reply = self._wait(wall)
-        if reply == "eof":
-            return self._died()
+    def _run(self, code: str, wall: float, start: float) -> ExecResult:
+        chan = self._res.channel
+        assert chan is not None
+        if chan.pending():
+            raise ProtocolError("the worker sent a reply nobody asked for")
+        nonce = secrets.token_hex(16)
+        chan.send({"code": code, "nonce": nonce}, start + max(wall, 1.0))
+        reply = chan.receive(start + wall)
         if reply is not None:
-            return self._result(reply, timed_out=reply.get("error_type") == "CpuTimeExceeded")
-        try:
-            os.kill(self._proc.pid, signal.SIGINT)  # like Ctrl-C in a notebook: the state survives
-        except ProcessLookupError:
+            return self._result(check_reply(reply, nonce, self.config.max_output_chars))
+        if not self._res.signal_worker(signal.SIGINT):  # like Ctrl-C in a notebook: the state survives
             return self._died()
-        reply = self._wait(self.config.interrupt_grace_seconds)
-        if reply == "eof":
-            return self._died()
+        reply = chan.receive(time.monotonic() + self.config.interrupt_grace_seconds)
         if reply is not None:
-            if reply.get("error_type") != "KeyboardInterrupt":  # it finished just as the time ran out
-                return self._result(reply, timed_out=reply.get("error_type") == "CpuTimeExceeded")
+            reply = check_reply(reply, nonce, self.config.max_output_chars)
+            if reply["error_type"] != "KeyboardInterrupt":  # it finished just as the time ran out
+                return self._result(reply)
             note = f"TimeoutError: the cell ran longer than the wall-time limit of {wall:g}s and was interrupted"
             return dataclasses.replace(self._result(reply, timed_out=True), error=f"{note}\n{reply['error']}")
-        self._kill()
+        self._res.kill()
         return ExecResult("", error=f"TimeoutError: the cell ran longer than the wall-time limit of {wall:g}s, "
                           "ignored the interrupt and was killed; the session state is lost, call restart()",
                           timed_out=True, alive=False)
 
-    def _result(self, reply: dict[str, Any], timed_out: bool) -> ExecResult:
-        error = reply.get("error")
-        if reply.get("error_type") == "CpuTimeExceeded":
+    def _result(self, reply: dict[str, Any], timed_out: bool = False) -> ExecResult:
+        error = reply["error"]
+        cpu = reply["error_type"] == "CpuTimeExceeded"
+        if cpu:
             error = f"{error}\n(limit: {self.config.cpu_seconds:g} CPU seconds per call)"
-        return ExecResult(reply.get("stdout", ""), reply.get("result"), error, timed_out, True)
-
-    def _wait(self, seconds: float) -> dict[str, Any] | Literal["eof"] | None:
-        ready, _, _ = select.select([self._resp_r], [], [], max(seconds, 0.0))
-        if not ready:
-            return None
-        try:
-            return _recv(self._resp_r)
-        except EOFError:
-            return "eof"
+        return ExecResult(reply["stdout"], reply["result"], error, timed_out or cpu, True)
 
     def _died(self) -> ExecResult:
-        assert self._proc is not None
-        _exited(self._proc, 5.0)
-        self._kill()
-        code = self._proc.returncode
+        proc = self._res.proc
+        assert proc is not None
+        _exited(proc, 2.0)
+        self._res.kill()
+        code = proc.returncode
+        if code is not None and self.isolation == "namespace" and 128 < code <= 128 + 64:
+            code = -(code - 128)  # bwrap reports a signal death of its command as 128 + the signal
         why = f"exit code {code}" if code is None or code >= 0 else f"signal {signal.Signals(-code).name}"
         hint = ""
         if code in (-signal.SIGKILL, -signal.SIGXCPU):
@@ -235,95 +261,245 @@ class Sandbox:
     def _start(self) -> None:
         if self._closed:
             raise SandboxError("this sandbox was closed; make a new Sandbox")
-        isolation = self.config.isolation
-        if isolation == "auto":
-            isolation = "namespace" if os.geteuid() == 0 else "process"
-        try:
-            self._spawn(isolation)
-        except SandboxError as e:
-            if self.config.isolation != "auto" or isolation == "process":
-                raise
-            log.warning("namespace isolation failed, falling back to process isolation: %s", e)
-            self._spawn("process")
-
-    def _spawn(self, isolation: str) -> None:
-        ws = str(self.workspace)
-        root_dir = self._base / "root"
-        root_dir.mkdir(exist_ok=True)
+        isolation = "namespace" if self.config.isolation == "auto" else self.config.isolation
         if isolation == "namespace":
-            if os.geteuid() != 0:
-                raise SandboxError("namespace isolation needs root (it mounts a private file-system view); "
-                                   "run as root (e.g. in a container) or use isolation='process'")
-            for dirpath, _, files in os.walk(ws):
-                os.chown(dirpath, _NOBODY, _NOBODY)
-                for name in files:
-                    os.chown(os.path.join(dirpath, name), _NOBODY, _NOBODY, follow_symlinks=False)
+            bwrap = iso.find_bwrap()
+            if bwrap is None:
+                raise SandboxError(_NO_BWRAP)
+            cmd, fds, owner = self._namespace_command(bwrap)
+        else:
+            log.warning("sandbox: isolation='unsafe-process' runs cells with no kernel isolation")
+            cmd, fds, owner = [sys.executable, "-I", "-B", str(_WORKER)], [], {}
+        self._spawn(isolation, cmd, fds, owner)
+
+    def _namespace_command(self, bwrap: str) -> tuple[list[str], list[int], dict[str, Any]]:
+        res, cfg = self._res, self.config
+        root = os.geteuid() == 0
+        try:
+            seccomp = build_filter()
+        except RuntimeError as e:
+            raise SandboxError(str(e)) from None
+        if root and res.lease is None:
+            res.lease = iso.UidLease()
+            if self._owns_workspace:
+                iso.mount_tmpfs(self.workspace, cfg.workspace_mb, res.lease.uid)
+                res.tmpfs = self.workspace
+            else:
+                iso.chown_tree_nofollow(self.workspace, res.lease.uid)
+        uid = res.lease.uid if res.lease is not None else os.getuid()
+        if root:
+            os.chmod(self._base, 0o711)  # the session uid passes through to its workspace, sees nothing else
+            if not iso.reachable(str(self.workspace)):
+                raise SandboxError(f"the workspace {self.workspace} is inside a folder that other users cannot "
+                                   "enter; the sandbox runs as a uid of its own: give a folder outside it")
+        seccomp_r, data_r = _pipe_with(seccomp), _pipe_with(_WORKER.read_bytes())
+        status_r, status_w = os.pipe()
+        res.status_r = status_r
+        ro_dirs, ro_files, links = iso.system_view()
+        fds = [seccomp_r, data_r, status_w]
+        try:
+            args = iso.bwrap_args(ro_dirs=ro_dirs, ro_files=ro_files, links=links, workspace=str(self.workspace),
+                                  worker_fd=data_r, seccomp_fd=seccomp_r, status_fd=status_w, stage=root)
+        except OSError as e:
+            for fd in fds:
+                os.close(fd)
+            raise SandboxError(f"the sandbox's file-system view could not be prepared: {e}") from e
+        res.cgroup = SessionCgroup.create(f"ij-sandbox-{uid}-{os.getpid()}-{secrets.token_hex(4)}",
+                                          pids=cfg.max_processes,
+                                          memory_bytes=(cfg.memory_mb + cfg.workspace_mb + 64) << 20, cpus=cfg.cpus)
+        owner = {"user": uid, "group": uid, "extra_groups": []} if root else {}
+        return [bwrap, *args, "--", sys.executable, "-I", "-B", iso.WORKER_PATH], fds, owner
+
+    def _spawn(self, isolation: str, cmd: list[str], fds: list[int], owner: dict[str, Any]) -> None:
+        ws, cfg, res = str(self.workspace), self.config, self._res
         req_r, req_w = os.pipe()
         resp_r, resp_w = os.pipe()
-        cfg = {**dataclasses.asdict(self.config), "isolation": isolation, "workspace": ws,
-               "root_dir": str(root_dir), "request_fd": req_r, "response_fd": resp_w,
-               "read_roots": _read_roots(), "ro_paths": _ro_paths(), "preimport": list(self.config.preimport)}
+        err_r, err_w = os.pipe()
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": ws, "TMPDIR": ws, "LANG": "C.UTF-8",
                "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "NUMEXPR_NUM_THREADS": "1", "MPLBACKEND": "Agg", "MPLCONFIGDIR": ws}
-        log_path = self._base / "worker.log"
-        with open(log_path, "ab") as stderr:
-            proc = subprocess.Popen([sys.executable, "-I", "-B", str(_WORKER), json.dumps(cfg)],
-                                    pass_fds=(req_r, resp_w), stdin=subprocess.DEVNULL,
-                                    stdout=subprocess.DEVNULL, stderr=stderr, env=env, cwd=ws,
-                                    start_new_session=True)
-        os.close(req_r)
-        os.close(resp_w)
-        self._res.proc, self._res.req_w, self._res.resp_r = proc, req_w, resp_r
-        ready = self._wait(self.config.startup_seconds)
-        if not isinstance(ready, dict) or not ready.get("ready"):
-            detail = ready.get("error") if isinstance(ready, dict) else \
-                "no answer" if ready is None else "it exited"
-            self._stop()
-            tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
-            raise SandboxError(f"the sandbox ({isolation} isolation) did not start: {detail}"
-                               + (f"\nworker log:\n{tail}" if tail.strip() else ""))
-        self.isolation, self.info = isolation, ready
-
-    # the live process and its pipes, kept in the finalizer's holder
-    _proc = property(lambda self: self._res.proc)
-    _req_w = property(lambda self: self._res.req_w)
-    _resp_r = property(lambda self: self._res.resp_r)
-
-    def _kill(self) -> None:
-        if self._proc is not None and self._proc.returncode is None:
-            _kill_group(self._proc)
-
-    def _stop(self) -> None:
-        self._res.stop()
+        try:
+            proc = subprocess.Popen(cmd, stdin=req_r, stdout=resp_w, stderr=err_w, pass_fds=fds, env=env,
+                                    cwd="/" if isolation == "namespace" else ws, start_new_session=True, **owner)
+        except OSError as e:
+            for fd in (req_w, resp_r, err_r):
+                os.close(fd)
+            res.stop()
+            raise SandboxError(f"the sandbox could not be started: {e}") from e
+        finally:
+            for fd in (req_r, resp_w, err_w, *fds):  # the child's ends (bwrap's status pipe too: EOF if it dies)
+                os.close(fd)
+        res.proc, res.err_r = proc, err_r
+        max_message = 36 * (cfg.max_output_chars + 200) + 65536
+        res.channel = Channel(req_w, resp_r, max_message)
+        nonce = secrets.token_hex(16)
+        deadline = time.monotonic() + cfg.startup_seconds
+        ready: Any = None
+        try:
+            res.find_worker(isolation, deadline)
+            res.channel.send({**dataclasses.asdict(cfg), "isolation": isolation, "workspace": ws, "nonce": nonce,
+                              "read_roots": iso.read_roots(), "preimport": list(cfg.preimport)}, deadline)
+            ready = res.channel.receive(deadline)
+            problem = "no answer in time" if ready is None else ready.get("error") if not ready.get("ready") \
+                else "a reply to another call" if ready.get("nonce") != nonce else None
+        except (ProtocolError, OSError, ValueError) as e:
+            problem = str(e)
+        if problem is not None:
+            tail = res.stderr_tail()
+            res.stop()
+            raise SandboxError(f"the sandbox ({isolation} isolation) did not start: {problem}"
+                               + (f"\nworker output:\n{tail}" if tail.strip() else ""))
+        res.close_stderr()
+        self.isolation = isolation
+        self.info = {k: ready.get(k) for k in ("uid", "network_isolated", "preimported")}
+        self.info.update(pid=res.worker_pid, host_uid=res.lease.uid if res.lease else os.getuid(),
+                         cgroup=res.cgroup.summary if res.cgroup else None,
+                         workspace_cap_mb=cfg.workspace_mb if res.tmpfs else None)
 
 
 class _Resources:
-    """The worker process, its pipes and the temporary folder: released by close() or, failing that, when
-    the Sandbox is garbage-collected or the interpreter exits."""
+    """The worker process, its pipes, cgroup, uid lease, workspace mount and the temporary folder: released by
+    close() or, failing that, when the Sandbox is garbage-collected or the interpreter exits."""
 
     def __init__(self, base: Path) -> None:
         self.base = base
         self.proc: subprocess.Popen[bytes] | None = None
-        self.req_w = self.resp_r = -1
+        self.channel: Channel | None = None
+        self.status_r = self.err_r = -1
+        self.init_pidfd = self.worker_pidfd = -1
+        self.worker_pid: int | None = None
+        self.cgroup: SessionCgroup | None = None
+        self.lease: iso.UidLease | None = None
+        self.tmpfs: Path | None = None
 
-    def stop(self) -> None:
+    def find_worker(self, isolation: str, deadline: float) -> None:
+        """pidfds for the worker (interrupts) and, under bwrap, for its PID namespace's init (kill them all)."""
+        assert self.proc is not None
+        if isolation != "namespace":
+            self.worker_pid, self.worker_pidfd = self.proc.pid, os.pidfd_open(self.proc.pid)
+            return
+        status = _read_status(self.status_r, deadline)
+        init = int(status["child-pid"])
+        self.init_pidfd = os.pidfd_open(init)
+        while self.worker_pid is None:
+            self.worker_pid = _child_of(init)
+            if self.worker_pid is None:
+                if time.monotonic() > deadline or _exited(self.proc, 0.0):
+                    raise ProtocolError("bwrap started no worker")
+                time.sleep(0.005)
+        self.worker_pidfd = os.pidfd_open(self.worker_pid)
+        if _child_of(init) != self.worker_pid:  # the pidfd is for the worker, not a recycled pid
+            raise ProtocolError("the worker process changed while it was looked up")
+        if self.cgroup is not None:  # the worker waits for its config: nothing of the cell's has run yet
+            self.cgroup.attach([self.proc.pid, init, self.worker_pid])
+
+    def signal_worker(self, sig: int) -> bool:
+        try:
+            signal.pidfd_send_signal(self.worker_pidfd, sig)
+            return True
+        except OSError:
+            return False
+
+    def stderr_tail(self) -> str:
+        if self.err_r < 0:
+            return ""
+        os.set_blocking(self.err_r, False)
+        try:
+            return os.read(self.err_r, 8192).decode("utf-8", "replace")[-4000:]
+        except OSError:
+            return ""
+
+    def close_stderr(self) -> None:
+        if self.err_r >= 0:
+            os.close(self.err_r)
+            self.err_r = -1
+
+    def kill(self) -> None:
+        """SIGKILL the session: its PID namespace's init (the kernel then kills every process in it) and
+        bwrap, or under unsafe-process the worker's process group; then reap."""
         if self.proc is None:
             return
-        for fd in (self.req_w, self.resp_r):
+        if self.init_pidfd >= 0:
             try:
-                os.close(fd)
+                signal.pidfd_send_signal(self.init_pidfd, signal.SIGKILL)
             except OSError:
                 pass
-        self.req_w = self.resp_r = -1
-        _exited(self.proc, 1.0)  # EOF on its request pipe ends the worker's loop
         if self.proc.returncode is None:
-            _kill_group(self.proc)  # and anything it forked, should a cell have managed to
-        self.proc = None
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # not reaped yet: the group id is still ours
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.proc.wait()
+        for fd in (self.init_pidfd, self.worker_pidfd):  # a pidfd reads ready once its process has exited
+            if fd >= 0:
+                select.select([fd], [], [], 5.0)
+
+    def stop(self) -> None:
+        if self.channel is not None:
+            for fd in (self.channel.req_w, self.channel.resp_r):
+                os.close(fd)
+            self.channel = None
+        if self.proc is not None:
+            _exited(self.proc, 1.0)  # EOF on its request pipe ends the worker's loop
+            self.kill()
+            self.proc = None
+        for name in ("status_r", "err_r", "init_pidfd", "worker_pidfd"):
+            fd = getattr(self, name)
+            if fd >= 0:
+                os.close(fd)
+                setattr(self, name, -1)
+        self.worker_pid = None
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
 
     def release(self) -> None:
         self.stop()
+        if self.tmpfs is not None:
+            iso.unmount(self.tmpfs)
+            self.tmpfs = None
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
         shutil.rmtree(self.base, ignore_errors=True)
+
+
+def _pipe_with(data: bytes) -> int:
+    """A pipe's read end holding `data` (the write end closed): for bwrap's --seccomp and --ro-bind-data."""
+    r, w = os.pipe()
+    try:
+        if len(data) > 65536:
+            raise SandboxError(f"{len(data)} bytes do not fit a pipe's buffer")
+        os.write(w, data)
+    finally:
+        os.close(w)
+    return r
+
+
+def _read_status(fd: int, deadline: float) -> dict[str, Any]:
+    """bwrap's first status line ({"child-pid": ...}), bounded in size and time."""
+    data = b""
+    while b"\n" not in data:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise ProtocolError("bwrap did not report its child in time")
+        chunk = os.read(fd, 4096)
+        if not chunk or len(data) > 65536:
+            raise ProtocolError("bwrap exited before it started the worker")
+        data += chunk
+    return json.loads(data.split(b"\n", 1)[0])
+
+
+def _child_of(pid: int) -> int | None:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                return int(entry)
+    return None
 
 
 def _exited(proc: subprocess.Popen[bytes], seconds: float) -> bool:
@@ -338,67 +514,3 @@ def _exited(proc: subprocess.Popen[bytes], seconds: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.01)
-
-
-def _kill_group(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL the worker and anything it forked (its own session), then reap the worker. Called only while
-    the worker is not yet reaped, so the process-group id cannot belong to anyone else."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    proc.wait()
-
-
-# ---- what the sandbox may see ------------------------------------------------------------------------------
-
-def _python_dirs() -> list[str]:
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix}
-    paths |= {sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-    return sorted({os.path.realpath(p) for p in paths if p and os.path.exists(p)})
-
-
-def _read_roots() -> list[str]:
-    """Readable inside the sandbox besides the workspace: the Python installation and a few devices."""
-    extra = ["/usr/share/zoneinfo", "/dev/null", "/dev/zero", "/dev/random", "/dev/urandom"]
-    return _outermost(_python_dirs() + [p for p in extra if os.path.exists(p)])
-
-
-def _ro_paths() -> list[str]:
-    """Bind-mounted read-only into the namespace sandbox's root: system libraries + the Python installation."""
-    system = ["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc/ld.so.cache",
-              "/etc/localtime"]
-    links = [p for p in system if os.path.islink(p)]
-    return links + _outermost([p for p in system if os.path.exists(p) and p not in links] + _python_dirs())
-
-
-def _outermost(paths: list[str]) -> list[str]:
-    out: list[str] = []
-    for p in sorted(set(paths)):
-        if not any(p == q or p.startswith(q.rstrip("/") + "/") for q in out):
-            out.append(p)
-    return out
-
-
-# ---- protocol (the worker has its own copy: it imports nothing from this package) -------------------------
-
-def _send(fd: int, message: dict[str, Any]) -> None:
-    data = json.dumps(message).encode("utf-8", "surrogatepass")
-    data = len(data).to_bytes(8, "big") + data
-    while data:
-        data = data[os.write(fd, data):]
-
-
-def _recv(fd: int) -> dict[str, Any]:
-    def exact(n: int) -> bytes:
-        chunks = []
-        while n:
-            chunk = os.read(fd, n)
-            if not chunk:
-                raise EOFError
-            chunks.append(chunk)
-            n -= len(chunk)
-        return b"".join(chunks)
-
-    size = int.from_bytes(exact(8), "big")
-    return json.loads(exact(size).decode("utf-8", "surrogatepass"))

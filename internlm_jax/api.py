@@ -110,12 +110,20 @@ class LM:
                               " tokens the model extrapolates)")
 
     # ---- public API --------------------------------------------------------------------------------
-    def logits(self, token_ids: Sequence[Sequence[int]] | Sequence[int]) -> list[np.ndarray] | np.ndarray:
-        """fp32 logits [T, V] per sequence (a list for a batch; one array for a single list of ids)."""
+    def logits(self, token_ids: Sequence[Sequence[int]] | Sequence[int], positions: str = "all"
+               ) -> list[np.ndarray] | np.ndarray:
+        """fp32 logits per sequence (a list for a batch; one array for a single list of ids): [T, V] with
+        positions="all"; [V] after the last token with positions="last", computed in chunks with memory
+        bounded by the chunk (for long contexts: 200K x 92544 fp32 logits would be 74 GB)."""
+        if positions not in ("all", "last"):
+            raise ConfigError(f"positions must be 'all' or 'last', got {positions!r}")
         single = len(token_ids) > 0 and isinstance(token_ids[0], (int, np.integer))
         seqs = self._encode([token_ids] if single else token_ids)
         longest = max(len(s) for s in seqs)
         self._check_context(longest, "a sequence")
+        if positions == "last":
+            out = [self.score(s).last_logits for s in seqs]
+            return out[0] if single else out
         t = _bucket(longest)
         tokens = np.full((len(seqs), t), self.config.pad_token_id, np.int32)
         positions = np.full((len(seqs), t), -1, np.int32)
@@ -129,6 +137,16 @@ class LM:
         logits = np.asarray(logits)
         out = [logits[i, : len(s)] for i, s in enumerate(seqs)]
         return out[0] if single else out
+
+    def score(self, text_or_ids: str | Sequence[int], *, top_k: int = 0, chunk: int = 512) -> Any:
+        """Per-token logprobs of one sequence (`scoring.TokenScores`: token_logprobs[i] = log p(token i+1 |
+        tokens <= i), greedy flags, optional top-k, logits after the last token), computed in chunks of
+        `chunk` tokens: memory grows with the chunk, not with T x vocab. A string gets BOS."""
+        from internlm_jax.scoring import score_tokens
+
+        ids = self._encode([text_or_ids])[0]
+        self._check_context(len(ids), "a sequence")
+        return self._run(score_tokens, self.params, self.config, ids, chunk=chunk, top_k=top_k)
 
     def engine(self, slots: int = 1, max_len: int = 0) -> Any:
         """The engine `generate` runs on, sized for at least `slots` sequences of `max_len` tokens (grown,

@@ -1,4 +1,4 @@
-"""`internlm-jax bench <train|engine|kernels|serve> [args]`: benchmarks that print ratios against a baseline run in
+"""`internlm-jax bench <train|engine|kernels|serve|long> [args]`: benchmarks that print ratios against a baseline run in
 the same process and against this machine's measured limits (matmul FLOP/s, memory bandwidth)."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ BENCHES = {
     "engine": "internlm_jax.bench_engine",
     "kernels": "internlm_jax.bench_kernels",
     "serve": "internlm_jax.bench_serve",
+    "long": "internlm_jax.bench_long",
 }
 
 

@@ -203,6 +203,53 @@ def _small_t_attention(q, k, v, mask, scale):
     return jnp.sum(probs[..., None] * v.astype(f32)[:, None, :, :, None, :], axis=2)  # [B, T, K, G, H]
 
 
+BLOCK_KEYS = 2048  # prefill chunks over more keys than this attend block by block (memory bounded by the block)
+
+
+def _blockwise(q, k_pages, v_pages, k_scales, v_scales, page_table, lengths, q_positions, layer, scale):
+    """The reference for long key ranges: an online softmax over blocks of pages (lax.scan), so the live
+    scores are [B, K, G, T, BLOCK_KEYS] whatever the context length (a 200K-token prompt prefilled in
+    chunks needs no [T, 200K] matrix). Same result as the one-block form up to fp32 rounding."""
+    B, T, K, G, H = q.shape
+    page_size = k_pages.shape[-3]
+    W = page_table.shape[1]
+    ppb = max(1, BLOCK_KEYS // page_size)
+    nb = -(-W // ppb)
+    table = jnp.pad(page_table, ((0, 0), (0, nb * ppb - W)))  # pad entries sit past every row's length
+    blocks = jnp.transpose(table.reshape(B, nb, ppb), (1, 0, 2))  # [nb, B, ppb]
+    f32 = jnp.float32
+
+    longest = jnp.max(lengths)
+
+    def step(carry, xs):
+        # Blocks past every row's length (the causal future of a chunked prefill) are skipped.
+        return jax.lax.cond(xs[1] * ppb * page_size < longest, attend_block, lambda c, _: c, carry, xs), None
+
+    def attend_block(carry, xs):
+        m, l, acc = carry  # [B, K, G, T], [B, K, G, T], [B, K, G, T, H]
+        tbl, i = xs
+        k = gather_pages(k_pages, k_scales, tbl, q.dtype, layer)  # [B, ppb * page_size, K, H]
+        v = gather_pages(v_pages, v_scales, tbl, q.dtype, layer)
+        pos = i * ppb * page_size + jnp.arange(ppb * page_size, dtype=jnp.int32)
+        filled = pos[None, :] < lengths[:, None]
+        mask = filled[:, None, :] & (pos[None, None, :] <= q_positions[:, :, None])  # [B, T, Sb]
+        v = jnp.where(filled[:, :, None, None], v, 0)
+        s = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=f32) * scale
+        s = jnp.where(mask[:, None, None], s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        p = jnp.where(mask[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
+        corr = jnp.exp(m - m_new)
+        l = l * corr + jnp.sum(p, axis=-1)
+        acc = acc * corr[..., None] + jnp.einsum("BKGTS,BSKH->BKGTH", p.astype(v.dtype), v,
+                                                 preferred_element_type=f32)
+        return m_new, l, acc
+
+    init = (jnp.full((B, K, G, T), MASK_VALUE, f32), jnp.zeros((B, K, G, T), f32), jnp.zeros((B, K, G, T, H), f32))
+    (_, l, acc), _ = jax.lax.scan(step, init, (blocks, jnp.arange(nb, dtype=jnp.int32)))
+    out = jnp.where(l[..., None] > 0, acc / jnp.where(l > 0, l, 1.0)[..., None], 0.0)  # unseen rows: 0
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(q.dtype)  # [B, T, K, G, H]
+
+
 @functools.partial(jax.jit, static_argnames=("sm_scale", "pages_per_block", "num_splits", "backend", "interpret"))
 def paged_attention_reference(q: Float[Array, "B T K G H"], k_pages: Array, v_pages: Array,
                               page_table: Int[Array, "B M"], lengths: Int[Array, " B"], *,
@@ -216,6 +263,11 @@ def paged_attention_reference(q: Float[Array, "B T K G H"], k_pages: Array, v_pa
     _validate(q, k_pages, v_pages, page_table, lengths, q_positions, k_scales, v_scales, layer)
     H = q.shape[-1]
     scale = H ** -0.5 if sm_scale is None else sm_scale
+    page_size = k_pages.shape[-3]
+    W = page_table.shape[1]
+    keys = W * page_size
+    if keys > BLOCK_KEYS and (q.shape[1] > SMALL_T or keys > 8 * BLOCK_KEYS):  # long: memory-bounded blocks
+        return _blockwise(q, k_pages, v_pages, k_scales, v_scales, page_table, lengths, q_positions, layer, scale)
     k = gather_pages(k_pages, k_scales, page_table, q.dtype, layer)  # [B, S, K, H]
     v = gather_pages(v_pages, v_scales, page_table, q.dtype, layer)
     pos = jnp.arange(k.shape[1], dtype=jnp.int32)

@@ -47,8 +47,14 @@ def prepare_main(argv: list[str]) -> int:
 
             print(dump_yaml(cfg), end="")
             return 0
-        from internlm_jax.data.prepare.pipeline import run
-
+        try:
+            from internlm_jax.data.prepare.pipeline import run
+        except ModuleNotFoundError as e:
+            if e.name not in ("apache_beam", "datasketch"):
+                raise
+            print(f"internlm-jax data prepare: {e.name} is not installed; pip install -e \".[data]\"",
+                  file=sys.stderr)
+            return 2
         out = run(cfg, beam_args)
     except (ConfigError, DataError) as e:
         print(f"internlm-jax data prepare: {e}", file=sys.stderr)

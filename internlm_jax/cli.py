@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("internlm_jax.serve.chat_cli:main", "interactive terminal chat"),
     "agent": ("internlm_jax.agent.cli:main", "interactive tool-using agent"),
     "plan": ("internlm_jax.train.plan:main", "AOT-compile a train step for a TPU topology"),
+    "data": ("internlm_jax.data.prepare.cli:main", "prepare a corpus on Apache Beam: filter, dedup, tokenize, shard"),
     "bench": ("internlm_jax.bench:main", "benchmarks: train, engine, kernels, serve, long"),
     "demo": ("internlm_jax.demo:main", "the end-to-end demo: data -> train -> SFT -> eval -> int4 -> serve"),
 }

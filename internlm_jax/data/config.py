@@ -12,7 +12,7 @@ from typing import Any, Literal, get_args
 
 from internlm_jax.config import ConfigError
 
-SourceFormat = Literal["jsonl", "parquet", "array_record", "auto"]
+SourceFormat = Literal["jsonl", "parquet", "array_record", "tokens", "auto"]
 DataKind = Literal["pretrain", "sft", "dpo"]
 BadRecordPolicy = Literal["error", "skip"]
 
@@ -99,6 +99,9 @@ class DataConfig:
     kind:           pretrain | sft | dpo (sft/dpo are built by the fine-tuning data stage).
     bad_records:    "error" stops at the first malformed record (file and line in the message); "skip" drops
                     it, logs it and counts it in `DataIterator.stats`.
+    manifest:       manifest.json of a corpus made by `internlm-jax data prepare`: the sources become its
+                    token shards (format "tokens") with its mixture weights, and the tokenizer must be the
+                    one it was made with (empty tokenizer: taken from the manifest).
     """
 
     sources: tuple[SourceConfig, ...]
@@ -112,6 +115,7 @@ class DataConfig:
     worker_count: int = 0
     kind: DataKind = "pretrain"
     bad_records: BadRecordPolicy = "error"
+    manifest: str = ""
 
     def __post_init__(self) -> None:
         if isinstance(self.sources, SourceConfig):
@@ -154,6 +158,17 @@ class DataConfig:
             if key not in valid:
                 raise _nearest_key_error("data", str(key), valid)
         kwargs = dict(d)
+        if kwargs.get("manifest"):
+            _check_type("data", "manifest", kwargs["manifest"], (str,))
+            derived, tokenizer = _from_manifest(kwargs["manifest"], kwargs.get("tokenizer", ""))
+            if "sources" in kwargs and kwargs["sources"] not in (None, []):
+                given = tuple(SourceConfig.from_dict(s) for s in (
+                    [kwargs["sources"]] if isinstance(kwargs["sources"], (str, dict)) else kwargs["sources"]))
+                if given != derived:
+                    raise ConfigError("give either data.manifest or data.sources, not both: the manifest names "
+                                      "its own shards and weights (set source weights when preparing)")
+            kwargs.update(sources=derived, tokenizer=tokenizer)
+            return cls(**kwargs)
         if "sources" not in kwargs:
             raise ConfigError("data.sources is required: list the text files (jsonl, parquet, array_record)")
         sources = kwargs["sources"]
@@ -171,3 +186,53 @@ class DataConfig:
 
     def replace(self, **changes: Any) -> DataConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _from_manifest(path: str, tokenizer: str) -> tuple[tuple[SourceConfig, ...], str]:
+    """Token-shard sources and the tokenizer of a prepared corpus; errors on stale or missing shards and on
+    a tokenizer other than the one the shards were made with."""
+    import glob
+    import hashlib
+    import json
+    import os
+
+    if not os.path.isfile(path):
+        raise ConfigError(f"data.manifest {path!r} does not exist; run `internlm-jax data prepare` first")
+    try:
+        with open(path, encoding="utf-8") as f:
+            manifest = json.load(f)
+        if manifest.get("format") != "internlm-jax-prepared/1":
+            raise ConfigError(f"data.manifest {path!r} has format {manifest.get('format')!r}, expected "
+                              "'internlm-jax-prepared/1' (written by `internlm-jax data prepare`)")
+        base = os.path.dirname(os.path.abspath(path))
+        sources = []
+        for name in manifest["source_order"]:
+            src = manifest["sources"][name]
+            listed = sorted(os.path.join(base, sh["path"]) for sh in src["shards"])
+            if not listed:
+                raise ConfigError(f"data.manifest {path!r}: source {name!r} kept no documents, so it cannot be "
+                                  "mixed in; drop it from the prepare config or relax its filters")
+            pattern = os.path.join(base, name, "*.array_record")
+            found = sorted(glob.glob(pattern))
+            if found != listed:
+                missing, extra = sorted(set(listed) - set(found)), sorted(set(found) - set(listed))
+                raise ConfigError(f"data.manifest {path!r}: the shard files of source {name!r} differ from the "
+                                  f"manifest (missing: {missing[:3]}, not in the manifest: {extra[:3]})")
+            sources.append(SourceConfig(path=pattern, format="tokens", weight=float(src["weight"])))
+        made_with = manifest["tokenizer"]
+    except (KeyError, TypeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"data.manifest {path!r} is not a prepared-corpus manifest ({e!r})") from None
+    if not tokenizer:
+        return tuple(sources), made_with["spec"]
+    if tokenizer == "byte" or made_with["sha256"] == "byte":
+        same = tokenizer == "byte" and made_with["sha256"] == "byte"
+    elif os.path.isfile(os.path.join(tokenizer, "tokenizer.model")):
+        with open(os.path.join(tokenizer, "tokenizer.model"), "rb") as f:
+            same = hashlib.sha256(f.read()).hexdigest() == made_with["sha256"]
+    else:
+        same = True  # not a tokenizer folder: the training loop reports that with its own message
+    if not same:
+        raise ConfigError(f"data.tokenizer {tokenizer!r} is not the tokenizer the shards of {path!r} were made "
+                          f"with ({made_with['spec']!r}, sha256 {made_with['sha256'][:12]}...); token ids would "
+                          "not match. Leave data.tokenizer empty to use that one")
+    return tuple(sources), tokenizer

@@ -86,10 +86,13 @@ class TokenizeDocument:
     def __init__(self, tokenizer: TokenizerLike, add_bos: bool, add_eos: bool, counters: Counters):
         self.tokenizer, self.add_bos, self.add_eos, self.counters = tokenizer, add_bos, add_eos, counters
 
-    def __call__(self, text: str | None) -> dict[str, np.ndarray] | None:
+    def __call__(self, text: str | np.ndarray | None) -> dict[str, np.ndarray] | None:
         if text is None:
             return None
-        ids = list(self.tokenizer.encode(text, add_bos=self.add_bos))
+        if isinstance(text, np.ndarray):  # already tokenized (a prepared shard): only BOS/EOS are added here
+            ids = ([self.tokenizer.bos_id] if self.add_bos else []) + text.tolist()
+        else:
+            ids = list(self.tokenizer.encode(text, add_bos=self.add_bos))
         if self.add_eos:
             ids.append(self.tokenizer.eos_id)
         if len(ids) < 2:

@@ -257,6 +257,35 @@ class ArrayRecordSource:
         return _text_from_object(obj, self.text_field, self.where(index))
 
 
+class TokenShardSource:
+    """Records of a prepared array_record shard (`internlm-jax data prepare`): each is one document's token ids,
+    little-endian int32. `__getitem__` gives an int32 array, which the tokenize step passes through."""
+
+    def __init__(self, path: str, text_field: str = "text"):
+        import grain
+
+        self.path = path
+        try:
+            self._source = grain.sources.ArrayRecordDataSource([path])
+        except RuntimeError as e:
+            raise DataError(f"{path} is not a readable array_record file: {e}") from None
+        if len(self._source) == 0:
+            raise DataError(f"{path} is empty (0 records)")
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def where(self, index: int) -> str:
+        return f"{self.path} record {index}"
+
+    def __getitem__(self, index: int) -> np.ndarray:  # type: ignore[override]
+        raw = self._source[index]
+        if len(raw) % 4:
+            raise DataError(f"{self.where(index)}: {len(raw)} bytes is not a whole number of int32 token ids; "
+                            "format 'tokens' reads shards written by `internlm-jax data prepare`")
+        return np.frombuffer(raw, dtype="<i4").astype(np.int32)
+
+
 # ------------------------------------------------------------------------------------ files, formats
 
 class ConcatSource:
@@ -303,7 +332,9 @@ def resolve_files(config: SourceConfig) -> list[tuple[str, str]]:
             raise DataError(f"data source pattern {config.path!r} matched no files")
     elif os.path.isdir(path):
         names = sorted(os.listdir(path))
-        if config.format == "auto":
+        if config.format == "tokens":
+            files = [os.path.join(path, n) for n in names if n.endswith(".array_record")]
+        elif config.format == "auto":
             files = [os.path.join(path, n) for n in names if os.path.splitext(n)[1].lower() in _EXTENSIONS]
         else:
             exts = [e for e, fmt in _EXTENSIONS.items() if fmt == config.format]
@@ -318,7 +349,8 @@ def resolve_files(config: SourceConfig) -> list[tuple[str, str]]:
     return [(f, _format_of(f, config.format)) for f in files]
 
 
-_READERS = {"jsonl": JsonlSource, "parquet": ParquetSource, "array_record": ArrayRecordSource}
+_READERS = {"jsonl": JsonlSource, "parquet": ParquetSource, "array_record": ArrayRecordSource,
+            "tokens": TokenShardSource}
 
 
 def open_source(config: SourceConfig) -> TextSource:

@@ -149,6 +149,7 @@ class Step(NamedTuple):
     k_pos: jax.Array | None = None
     page_ids: jax.Array | None = None
     offsets: jax.Array | None = None
+    fresh: bool = False  # paged: the rows held nothing before this call, so the block attends to itself
 
 
 def default_positions(cache: Any, B: int, T: int) -> Int[Array, "B T"]:
@@ -160,8 +161,14 @@ def default_positions(cache: Any, B: int, T: int) -> Int[Array, "B T"]:
     return pos
 
 
-def begin(cache: Any, positions: Int[Array, "B T"]) -> tuple[Any, Step]:
-    """Bookkeeping of one forward call: where the new tokens go and each row's key length afterwards."""
+def begin(cache: Any, positions: Int[Array, "B T"], fresh: bool = False) -> tuple[Any, Step]:
+    """Bookkeeping of one forward call: where the new tokens go and each row's key length afterwards.
+
+    fresh (paged only): every row is empty before this call and its tokens are positions 0.. in order, so the
+    block's attention is self-attention over the block (sequence-parallel under a `sequence` mesh axis, the
+    flash kernel on TPU/GPU) while its K/V are still written to the pages for the decode that follows."""
+    if fresh and not isinstance(cache, PagedCache):
+        raise ConfigError("fresh=True is a prefill into an empty paged cache; pass a PagedCache")
     B, _ = positions.shape
     valid_len = jnp.max(jnp.where(positions >= 0, positions + 1, 0), axis=1)  # [B]
     if cache is None:
@@ -179,7 +186,8 @@ def begin(cache: Any, positions: Int[Array, "B T"]) -> tuple[Any, Step]:
         page_col = jnp.clip(positions // S, 0, cache.page_table.shape[1] - 1)
         page_ids = jnp.where(valid, jnp.take_along_axis(cache.page_table, page_col, axis=1), P)
         offsets = jnp.where(valid, positions % S, 0)
-        return cache, Step(key_len=jnp.maximum(cache.lengths, valid_len), page_ids=page_ids, offsets=offsets)
+        return cache, Step(key_len=jnp.maximum(cache.lengths, valid_len), page_ids=page_ids, offsets=offsets,
+                           fresh=fresh)
     raise ConfigError(f"cache must be None, a dense cache dict (init_cache) or a PagedCache, got {type(cache)}")
 
 
@@ -198,7 +206,11 @@ def attend(cache: Any, step: Step, layer: Int[Array, ""] | int, q: Float[Array, 
         return out, {**cache, "k": ck, "v": cv}
     kp, ks = _write_pages(cache.k, cache.k_scale, layer, k, step.page_ids, step.offsets)
     vp, vs = _write_pages(cache.v, cache.v_scale, layer, v, step.page_ids, step.offsets)
-    out = attention.paged_attention(q, kp, vp, cache.page_table, step.key_len, positions, layer, ks, vs, config)
+    if step.fresh:
+        out = attention.self_attention(q, k, v, positions, None, config)
+    else:
+        out = attention.paged_attention(q, kp, vp, cache.page_table, step.key_len, positions, layer, ks, vs,
+                                        config)
     return out, dataclasses.replace(cache, k=kp, v=vp, k_scale=ks, v_scale=vs)
 
 

@@ -138,7 +138,7 @@ def head(params: Params, x: Float[Array, "... D"], config: ModelConfig) -> Float
 def forward(params: Params, tokens: Int[Array, "B T"], positions: Int[Array, "B T"] | None = None, *,
             config: ModelConfig, segment_ids: Int[Array, "B T"] | None = None, cache: Any = None,
             rope_len: Int[Array, "B"] | None = None, logits_index: Int[Array, "B"] | None = None,
-            return_hidden: bool = False) -> tuple[Array, Any]:
+            return_hidden: bool = False, fresh: bool = False) -> tuple[Array, Any]:
     """Logits (fp32) for `tokens`, and the updated cache when one is given.
 
     positions: per-token positions (restart per segment when packed; -1 marks padding: never written to a
@@ -150,6 +150,9 @@ def forward(params: Params, tokens: Int[Array, "B T"], positions: Int[Array, "B 
     rope_len: [B] the length each row's rotation must cover under dynamic NTK (see layers.rope_tables):
     a chunked prefill passes its whole prompt's length; default each row's own length.
     logits_index: [B] index into T; only those tokens' logits are computed ([B, V] instead of [B, T, V]).
+    fresh: a prefill into an empty PagedCache (positions 0.. in order): attention within the block, so under
+    a mesh with a `sequence` axis the prompt is sharded over devices (sequence-parallel prefill), and the
+    pages are filled for the decode that follows.
     With return_hidden, the final-norm hidden states are returned instead of logits (for chunked losses and
     value heads).
     """
@@ -161,7 +164,7 @@ def forward(params: Params, tokens: Int[Array, "B T"], positions: Int[Array, "B 
 
     x = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
     x = constrain(x, ("batch", "length", "act_embed"))
-    cache, step = kv_cache.begin(cache, positions)
+    cache, step = kv_cache.begin(cache, positions, fresh)
     cos, sin = rope_tables(config, positions, step.key_len if rope_len is None else rope_len.astype(jnp.int32))
 
     def body(carry, layer_in):

@@ -80,3 +80,44 @@ def test_model_forward_with_sequence_axis_equals_one_device():
         got, _ = jax.jit(lambda p, t, q, s: ij.forward(p, t, q, config=cfg, segment_ids=s))(
             params, tokens[:, perm], jnp.asarray(pos[:, perm]), jnp.asarray(seg[:, perm]))
     np.testing.assert_allclose(np.asarray(got)[:, np.argsort(perm)], np.asarray(want), atol=1e-5)
+
+
+def test_sequence_parallel_prefill_into_pages_equals_one_device():
+    """A long prompt prefilled with its tokens sharded over 8 devices (sequence axis; attention all-gathers
+    K/V inside the block) into an empty paged cache gives the one-device logits, and the greedy tokens decoded
+    after it from those pages are the one-device ones. Dynamic NTK at 4x max_position_embeddings."""
+    from internlm_jax.config import get_preset
+    from internlm_jax.kv_cache import init_paged_cache
+    from internlm_jax.model import forward, init_params
+    from internlm_jax.sharding import use_mesh
+
+    cfg = get_preset("internlm2-tiny", max_position_embeddings=256, rope_scaling=("dynamic", 2.0))
+    params = jax.jit(init_params, static_argnums=0)(cfg, jax.random.key(4))
+    T, page, new = 1024, 16, 5
+    toks = jax.random.randint(jax.random.key(5), (1, T), 3, cfg.vocab_size)
+    pos = jnp.arange(T, dtype=jnp.int32)[None]
+    pages = (T + new) // page + 1
+
+    def empty():
+        c = init_paged_cache(cfg, pages, page, batch=1, max_pages_per_seq=pages)
+        return c.with_rows(jnp.arange(pages, dtype=jnp.int32)[None], jnp.zeros((1,), jnp.int32))
+
+    prefill = jax.jit(lambda p, t, q, c, fresh: forward(p, t, q, config=cfg, cache=c, fresh=fresh),
+                      static_argnames="fresh")
+    decode = jax.jit(lambda p, t, c: forward(p, t, config=cfg, cache=c))
+
+    def greedy(logits, cache):
+        out, tok = [], jnp.argmax(logits[:, -1], -1)[:, None]
+        for _ in range(new):
+            out.append(int(tok[0, 0]))
+            logits, cache = decode(params, tok, cache)
+            tok = jnp.argmax(logits[:, -1], -1)[:, None]
+        return out
+
+    ref_logits, ref_cache = prefill(params, toks, pos, empty(), False)  # one device, attention over the pages
+    mesh = make_mesh(MeshConfig(data=1, sequence=8))
+    with use_mesh(mesh):
+        sp_logits, sp_cache = prefill(params, toks, pos, empty(), True)
+    np.testing.assert_allclose(np.asarray(sp_logits), np.asarray(ref_logits), atol=1e-4)
+    assert int(sp_cache.lengths[0]) == T
+    assert greedy(sp_logits, sp_cache) == greedy(ref_logits, ref_cache)

@@ -190,3 +190,78 @@ def main(argv: list[str] | None = None, *, stdin: TextIO | None = None, stdout: 
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---- `internlm-jax tools serve` ---------------------------------------------------------------------------
+
+TOOLS_DOC = """`internlm-jax tools serve`: our tools for other programs and agent systems, in one command.
+
+    internlm-jax tools serve --tools calculator,python                    # our HTTP protocol: POST /tools/{name}
+    internlm-jax tools serve --mcp --tools calculator,python,files        # MCP over streamable HTTP, path /mcp
+    internlm-jax tools serve --mcp --transport stdio --tools python       # MCP over stdin/stdout (one client)
+
+Tools: `python` (the sandboxed interpreter, served as the tool `python_interpreter`: one stateful session
+shared by the server's clients), `calculator`, `files` (read_file inside --workspace). Tool schemas come from
+the tools' type hints, as in the agent. Binds 127.0.0.1 unless --host says otherwise: the tools run with this
+process's rights (the interpreter inside its sandbox).
+"""
+
+
+def build_tools_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="internlm-jax tools", description=TOOLS_DOC,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="action", required=True)
+    s = sub.add_parser("serve", help="serve tools over HTTP or MCP", description=TOOLS_DOC,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--tools", default="python,calculator", help=f"comma-separated, from {', '.join(TOOL_NAMES)}")
+    s.add_argument("--workspace", default=None, help="folder the `files` tool may read (default: current folder)")
+    s.add_argument("--mcp", action="store_true", help="speak the Model Context Protocol (default: our HTTP protocol)")
+    s.add_argument("--transport", default="streamable-http", choices=["streamable-http", "stdio"],
+                   help="with --mcp: streamable HTTP (default) or stdio")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8765)
+    s.add_argument("--call-timeout", type=float, default=None,
+                   help="with --mcp: seconds after which a tool call is answered with a timeout error")
+    return p
+
+
+def tools_main(argv: list[str] | None = None) -> int:
+    args = build_tools_parser().parse_args(argv)
+    if args.transport != "streamable-http" and not args.mcp:
+        print("internlm-jax tools serve: --transport applies to --mcp only", file=sys.stderr)
+        return 2
+    with contextlib.ExitStack() as stack:
+        try:
+            tools, interpreter = make_tools(args.tools, args.workspace, stack)
+            if interpreter is not None:
+                tools.append(interpreter.tool)
+            if not tools:
+                raise ConfigError("--tools: name at least one tool")
+            if args.call_timeout is not None and args.call_timeout <= 0:
+                raise ConfigError(f"--call-timeout must be positive seconds, got {args.call_timeout}")
+            from internlm_jax.agent.tools import Toolkit
+
+            toolkit = Toolkit(tools)
+            if args.mcp:
+                from internlm_jax.agent import mcp
+
+                server = mcp.create_mcp_server(toolkit, call_timeout=args.call_timeout)
+        except (ConfigError, ImportError, ValueError, OSError) as e:
+            print(f"internlm-jax tools serve: {e}", file=sys.stderr)
+            return 2
+        names = ", ".join(toolkit.names)
+        if args.mcp and args.transport == "stdio":
+            print(f"internlm-jax tools: MCP over stdio, tools: {names}", file=sys.stderr)
+            mcp.serve_mcp_stdio(server)
+        elif args.mcp:
+            print(f"internlm-jax tools: MCP at http://{args.host}:{args.port}{mcp.DEFAULT_PATH}, tools: {names}",
+                  file=sys.stderr)
+            mcp.serve_mcp_http(server, host=args.host, port=args.port)
+        else:
+            import uvicorn
+
+            from internlm_jax.agent.tool_server import create_tool_app
+
+            print(f"internlm-jax tools: HTTP at http://{args.host}:{args.port}/tools, tools: {names}", file=sys.stderr)
+            uvicorn.run(create_tool_app(toolkit), host=args.host, port=args.port, log_level="info", lifespan="off")
+    return 0

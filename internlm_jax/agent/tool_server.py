@@ -109,6 +109,9 @@ class RemoteTool(Tool):
     def _invoke(self, args: dict[str, Any]) -> Any:
         try:
             response = httpx.post(self.url, json=args, timeout=self.timeout, headers=self.headers)
+        except httpx.TimeoutException:
+            return ToolResult.failure(f"the tool server at {self.url} did not answer within {self.timeout:g}s",
+                                      "timeout")
         except httpx.HTTPError as e:
             return ToolResult.failure(f"could not reach the tool server at {self.url}: {e!r}", "remote_error")
         return _decode(response)
@@ -117,6 +120,9 @@ class RemoteTool(Tool):
         try:
             async with httpx.AsyncClient(timeout=self.timeout, headers=self.headers) as client:
                 response = await client.post(self.url, json=args)
+        except httpx.TimeoutException:
+            return ToolResult.failure(f"the tool server at {self.url} did not answer within {self.timeout:g}s",
+                                      "timeout")
         except httpx.HTTPError as e:
             return ToolResult.failure(f"could not reach the tool server at {self.url}: {e!r}", "remote_error")
         return _decode(response)
@@ -160,9 +166,9 @@ class ToolServer:
     """uvicorn serving an app in a background thread; `with ToolServer(app) as base_url: ...`.
 
     Binds 127.0.0.1 and a free port unless told otherwise; binding anything but loopback is the caller's
-    explicit choice (the tools run with this process's rights)."""
+    explicit choice (the tools run with this process's rights). Any ASGI app works (the MCP server's too)."""
 
-    def __init__(self, app: FastAPI, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, lifespan: str = "off") -> None:
         import uvicorn
 
         self.host = host
@@ -170,7 +176,7 @@ class ToolServer:
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, port))
         self.port = self._sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", lifespan="off")
+        config = uvicorn.Config(app, log_level="warning", lifespan=lifespan)  # "on" for apps that need it (MCP)
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._serve, name=f"tool-server-{self.port}", daemon=True)
 

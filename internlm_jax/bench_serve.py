@@ -17,6 +17,10 @@ processes (client and server share no GIL, and an httpx client costs ~0.1-0.2 ms
 chunk, so one process can be the bottleneck), and `http_over_engine` = HTTP output tok/s / in-process
 output tok/s: what HTTP, JSON, SSE and detokenisation cost. Target: >= 0.90 at 64 concurrent streams.
 Both need free CPU cores: on a host whose cores are busy the ratio measures the contention instead.
+
+`--mask-overhead` (with --model) measures constrained decoding instead: the engine's step time at batch 16
+with half the rows under a JSON-schema grammar (masks computed on the host by llguidance each step) over
+the same step with every row free, and the host time the masks take per step. Target: ratio < 1.10.
 """
 
 from __future__ import annotations
@@ -227,6 +231,61 @@ async def run_engine(engine: Any, workload: Workload, *, concurrency: int | None
     return summarize(results)
 
 
+MASK_SCHEMA = {  # rows cannot finish early: at least 64 records of varied fields (the grammar state keeps moving)
+    "type": "array", "minItems": 64, "items": {
+        "type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 99999},
+                                         "name": {"type": "string", "maxLength": 8},
+                                         "kind": {"enum": ["user", "admin", "guest"]},
+                                         "score": {"type": "number"}, "ok": {"type": "boolean"}},
+        "required": ["id", "name", "kind", "score", "ok"]}}
+
+
+def mask_overhead(engine: Any, *, batch: int = 16, constrained: int = 8, tokens: int = 64, repeats: int = 3,
+                  prompt_len: int = 32) -> dict[str, Any]:
+    """Step time with `constrained` of `batch` rows under MASK_SCHEMA over the same step with all rows free.
+
+    Every row generates exactly `tokens` tokens at temperature 1 (free rows ignore EOS; the grammar cannot
+    complete in time), so both runs take the same steps; the runs alternate `repeats` times and the
+    median per-step times are compared."""
+    from internlm_jax.grammar import GrammarSpec
+    from internlm_jax.sampling import SamplingParams
+
+    if not 0 <= constrained <= batch:
+        raise ValueError(f"constrained rows must be in [0, {batch}], got {constrained}")
+    vocab = engine.config.vocab_size
+    rng = random.Random(0)
+    prompts = [[1] + [rng.randint(min(260, vocab // 4), vocab - 8) for _ in range(prompt_len - 1)]
+               for _ in range(batch)]
+    spec = GrammarSpec.json_schema(MASK_SCHEMA)
+    free = [SamplingParams(temperature=1.0, max_tokens=tokens, ignore_eos=True, seed=i) for i in range(batch)]
+    mixed = [SamplingParams(temperature=1.0, max_tokens=tokens, seed=i, grammar=spec) if i < constrained
+             else free[i] for i in range(batch)]
+
+    def run(params: list[Any]) -> tuple[float, float, int]:
+        steps0, mask0, t0 = engine.steps, engine.runner.mask_seconds, time.perf_counter()
+        outs = engine.generate(prompts, params)
+        wall = time.perf_counter() - t0
+        n = engine.steps - steps0
+        for o, sp in zip(outs, params):
+            if sp.grammar is not None and o.outputs[0].finish_reason != "length":
+                raise RuntimeError(f"a constrained row finished early ({o.outputs[0].finish_reason})")
+        return wall / n, (engine.runner.mask_seconds - mask0) / n, n
+
+    run(mixed[:2] + free[2:])  # warm: the grammar compiles, first-use paths run
+    times: dict[str, list[float]] = {"free": [], "mixed": [], "mask": []}
+    for _ in range(repeats):
+        times["free"].append(run(free)[0])
+        step, mask, steps = run(mixed)
+        times["mixed"].append(step)
+        times["mask"].append(mask)
+    med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
+    return {"batch": batch, "constrained_rows": constrained, "steps": steps, "free_step_ms": 1e3 * med["free"],
+            "mixed_step_ms": 1e3 * med["mixed"], "mask_ms_per_step": 1e3 * med["mask"],
+            "mask_us_per_row": 1e6 * med["mask"] / max(1, constrained),
+            "ratio": med["mixed"] / med["free"], "mask_share": med["mask"] / med["free"],
+            "compilations": engine.stats()["compilations"]}
+
+
 def format_summary(title: str, s: dict[str, Any]) -> str:
     lines = [f"== {title} ==",
              f"  requests ok / failed       {s['completed']} / {s['failed']}",
@@ -270,6 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--client-in-process", action="store_true",
                    help="with --model: run the HTTP client in this process too (shares the GIL with the server)")
     g.add_argument("--json", default=None, help="write the results here")
+    g.add_argument("--mask-overhead", action="store_true", help="with --model: measure constrained decoding "
+                   "(step time at batch 16, half the rows under a JSON-schema grammar, over all rows free) "
+                   "instead of the HTTP workload")
     return p
 
 
@@ -374,6 +436,20 @@ def main(argv: list[str] | None = None) -> int:
         except (ConfigError, FileNotFoundError, ValueError) as e:
             print(f"internlm-jax bench serve: {e}", file=sys.stderr)
             return 2
+        if args.mask_overhead:
+            try:
+                r = mask_overhead(engine)
+            finally:
+                engine.shutdown()
+            print(f"constrained decoding, batch {r['batch']} ({r['constrained_rows']} rows under a JSON schema), "
+                  f"{r['steps']} steps: free step {r['free_step_ms']:.2f} ms, mixed step {r['mixed_step_ms']:.2f} ms, "
+                  f"masks {r['mask_ms_per_step']:.3f} ms/step ({r['mask_us_per_row']:.0f} us/row); "
+                  f"ratio {r['ratio']:.3f} (target < 1.10; mask time / free step {r['mask_share']:.3f}, the part of the "
+                  f"ratio that host contention does not blur); compilations after warm-up {r['compilations']}")
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump({"config": vars(args), "mask_overhead": r}, f, indent=2, default=str)
+            return 0
         wl = Workload.random(args.num_prompts, args.input_len, args.output_len, args.range_ratio,
                              lm.config.vocab_size, args.workload_seed)
         longest = max(len(p) + o for p, o in zip(wl.prompts, wl.output_lens))

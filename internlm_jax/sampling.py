@@ -7,13 +7,17 @@ categorical draw (Gumbel-max; the filters find their thresholds by bisection, so
 The noise of a row is a hash of (seed, number of tokens generated so far, token id), so a seeded request
 gives the same tokens whatever else shares the batch. Reported logprobs are those of the raw
 model distribution (log_softmax of the logits before penalties and temperature).
+
+Constrained decoding (`SamplingParams.grammar`, see internlm_jax.grammar): each row brings a packed mask of
+allowed tokens (int32 words, 32 tokens each; all ones for a free row); disallowed tokens get -inf after the
+penalties, so greedy is the argmax within the mask and a draw never leaves it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +25,9 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from internlm_jax.config import ConfigError
+
+if TYPE_CHECKING:
+    from internlm_jax.grammar import GrammarSpec
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit on top_logprobs; always computed, returned when asked for
 
@@ -44,6 +51,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # None: no logprobs; k >= 0: sampled token's logprob and the top k
+    grammar: GrammarSpec | None = None  # constrained decoding: the output must match this grammar
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -69,6 +77,10 @@ class SamplingParams:
             raise ConfigError(f"logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}")
         if any(not s for s in self.stop):
             raise ConfigError("stop strings must be non-empty")
+        if self.grammar is not None:
+            from internlm_jax.grammar import GrammarSpec
+            if not isinstance(self.grammar, GrammarSpec):
+                raise ConfigError(f"grammar must be an internlm_jax.grammar.GrammarSpec, got {self.grammar!r:.80}")
 
     @property
     def greedy(self) -> bool:
@@ -155,10 +167,11 @@ def filter_logits(logits: Float[Array, "B V"], p: SamplingArrays) -> Float[Array
     V = logits.shape[-1]
     x = logits / jnp.maximum(p.temperature, 1e-5)[:, None]
     top = jnp.max(x, axis=-1)
+    low = jnp.min(jnp.where(jnp.isfinite(x), x, top[:, None]), axis=-1)  # lowest allowed (unmasked) logit
     k = jnp.where(p.top_k <= 0, V, jnp.minimum(p.top_k, V)).astype(jnp.float32)
     count_ok = lambda t: jnp.sum(x >= t[:, None], axis=-1) >= k  # noqa: E731
-    # lo = min(x) - 1 always satisfies count_ok; the result is the k-th largest logit (to fp32 precision)
-    kth = _bisect(jnp.min(x, axis=-1) - 1.0, top, count_ok)
+    # lo = min(x) - 1 always satisfies count_ok (k above the allowed count keeps every allowed token); the result is the k-th largest logit (to fp32 precision)
+    kth = _bisect(low - 1.0, top, count_ok)
     kth = jnp.where(p.top_k <= 0, -jnp.inf, kth)
     x = jnp.where(x >= kth[:, None], x, -jnp.inf)
     probs = jax.nn.softmax(x, axis=-1)  # renormalised over the top-k survivors
@@ -191,12 +204,27 @@ def gumbel_noise(seed: Int[Array, "B"], counter: Int[Array, "B"], V: int) -> Flo
     return -jnp.log(-jnp.log(u))
 
 
+def mask_words(vocab_size: int) -> int:
+    """int32 words of a packed token mask over `vocab_size` tokens."""
+    return -(-vocab_size // 32)
+
+
+def unpack_bitmask(words: Int[Array, "B W"], vocab_size: int) -> Bool[Array, "B V"]:
+    """Packed masks -> bool [B, V]: token 32w + j is allowed iff bit j of word w is set."""
+    bits = (words[:, :, None] >> jnp.arange(32, dtype=words.dtype)) & 1
+    return bits.reshape(words.shape[0], -1)[:, :vocab_size] != 0
+
+
 def sample(logits: Float[Array, "B V"], counts: Int[Array, "B V"], prompt_mask: Bool[Array, "B V"],
-           p: SamplingArrays) -> SampleOut:
-    """One token per row, with its raw logprob and the top MAX_TOP_LOGPROBS raw logprobs."""
+           p: SamplingArrays, allowed: Bool[Array, "B V"] | None = None) -> SampleOut:
+    """One token per row, with its raw logprob and the top MAX_TOP_LOGPROBS raw logprobs.
+
+    allowed: the tokens each row may produce (constrained decoding); None = all."""
     logits = logits.astype(jnp.float32)
     raw_lp = jax.nn.log_softmax(logits, axis=-1)
     pen = apply_penalties(logits, counts, prompt_mask, p)
+    if allowed is not None:
+        pen = jnp.where(allowed, pen, -jnp.inf)
     greedy = jnp.argmax(pen, axis=-1).astype(jnp.int32)
 
     def stochastic(_):

@@ -1,5 +1,8 @@
 """Tool calls and JSON mode through the server, with the official `openai` client.
 
+(Constrained decoding on the model's own choices is tested in test_serve_structured.py; here the scripted
+tokens go through the same grammar matchers, so a script must itself follow the grammar.)
+
 A random tiny model never emits a tool call by itself, so the tokens it samples are FORCED by a script
 (`serve.testing.script_engine` replaces the sampled token ids; the engine, stop tokens, detokenisation,
 parsing, streaming and HTTP are all real). What is checked is everything around the model's choice: the
@@ -38,6 +41,8 @@ EXPECTED_SECOND = (EXPECTED_FIRST + CALL_TEXT + "<|im_end|>\n"
                    "<|im_start|>environment name=<|plugin|>\n{\"temperature\": 22}<|im_end|>\n"
                    "<|im_start|>assistant\n")
 ANSWER_TEXT = "It is 22 degrees in Shanghai.<|im_end|>"
+FORCED_CALL = ('<|action_start|><|plugin|>\n{"name": "get_current_weather", "parameters": {"location": "Beijing"}}'
+               '<|action_end|>')
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +57,8 @@ def env(tmp_path_factory):
         text = tok.decode(prompt_ids)
         if "environment name=<|plugin|>" in text:
             return tok.encode(ANSWER_TEXT, add_bos=False)
-        if text.endswith('"parameters": '):  # tool_choice forced a named call
-            return tok.encode('{"location": "Beijing"}}<|action_end|>', add_bos=False)
+        if "Force a call." in text:  # tool_choice forced a call: the grammar allows only the call block
+            return tok.encode(FORCED_CALL, add_bos=False)
         if "name=<|plugin|>" in text:
             return tok.encode(CALL_TEXT, add_bos=False)
         for marker, replies in json_attempts.items():
@@ -62,7 +67,7 @@ def env(tmp_path_factory):
         return None
 
     received = script_engine(engine, script_for)
-    with serve_in_thread(engine, tok, ServeConfig(model_name="tiny", json_retries=2)) as (url, backend):
+    with serve_in_thread(engine, tok, ServeConfig(model_name="tiny")) as (url, backend):
         yield {"client": openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0), "tok": tok,
                "received": received, "json_attempts": json_attempts, "backend": backend}
     engine.shutdown()
@@ -106,14 +111,16 @@ def test_streamed_tool_call_leaks_no_special_tokens(env):
 def test_tool_choice(env):
     client, tok, received = env["client"], env["tok"], env["received"]
     named = {"type": "function", "function": {"name": "get_current_weather"}}
-    r = client.chat.completions.create(model="tiny", messages=[USER], tools=[WEATHER], tool_choice=named,
-                                       temperature=0)
-    assert tok.decode(received[-1]) == EXPECTED_FIRST + \
-        '<|action_start|><|plugin|>\n{"name": "get_current_weather", "parameters": '
-    (call,) = r.choices[0].message.tool_calls
-    assert call.function.name == "get_current_weather"
-    assert json.loads(call.function.arguments) == {"location": "Beijing"}
-    assert r.choices[0].message.content is None
+    force = {"role": "user", "content": "Force a call."}
+    for choice in (named, "required"):
+        r = client.chat.completions.create(model="tiny", messages=[force], tools=[WEATHER], tool_choice=choice,
+                                           temperature=0)
+        # nothing is injected: the prompt ends with the generation prompt, the grammar does the forcing
+        assert tok.decode(received[-1]).endswith("Force a call.<|im_end|>\n<|im_start|>assistant\n")
+        (call,) = r.choices[0].message.tool_calls
+        assert call.function.name == "get_current_weather"
+        assert json.loads(call.function.arguments) == {"location": "Beijing"}
+        assert r.choices[0].message.content is None and r.choices[0].finish_reason == "tool_calls"
 
     client.chat.completions.create(model="tiny", messages=[USER], tools=[WEATHER], tool_choice="none",
                                    max_tokens=2, temperature=0)
@@ -127,34 +134,22 @@ def test_json_object(env):
     client, attempts = env["client"], env["json_attempts"]
     msgs = lambda tag: [{"role": "user", "content": f"Reply in JSON. {tag}"}]
 
-    # the reply starts after the forced "{"; text after the object is cut off
-    attempts["first"] = ['"city": "Shanghai", "temp": [22, null]} and some trailing words']
+    # nothing is injected into the prompt; the reply ends where the object closes (the grammar is complete)
+    attempts["first"] = ['{"city": "Shanghai", "temp": [22, null]} and some trailing words']
     r = client.chat.completions.create(model="tiny", messages=msgs("first"), response_format={"type": "json_object"},
                                        temperature=0)
-    assert json.loads(r.choices[0].message.content) == {"city": "Shanghai", "temp": [22, None]}
+    assert env["tok"].decode(env["received"][-1]).endswith("first<|im_end|>\n<|im_start|>assistant\n")
+    assert r.choices[0].message.content == '{"city": "Shanghai", "temp": [22, null]}'
+    assert r.choices[0].finish_reason == "stop"
 
-    # an invalid first reply is regenerated
-    attempts["retry"] = ["this is not json", '"ok": true}']
-    r = client.chat.completions.create(model="tiny", messages=msgs("retry"), response_format={"type": "json_object"},
-                                       temperature=0)
-    assert json.loads(r.choices[0].message.content) == {"ok": True}
-
-    # never valid: a clear 500, not invalid JSON
-    attempts["never"] = ["bad", "worse", "worst"]
-    with pytest.raises(openai.InternalServerError, match="did not produce a valid JSON object in 3 attempts"):
-        client.chat.completions.create(model="tiny", messages=msgs("never"), response_format={"type": "json_object"},
-                                       temperature=0)
-
-    # json_schema: a reply that is an object but misses a required key is regenerated
-    attempts["schema"] = ['"x": 1}', '"name": "a"}']
+    attempts["schema"] = ['{"name": "a"}']
     schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
     r = client.chat.completions.create(model="tiny", messages=msgs("schema"), temperature=0,
                                        response_format={"type": "json_schema",
                                                         "json_schema": {"name": "n", "schema": schema}})
     assert json.loads(r.choices[0].message.content) == {"name": "a"}
 
-    # streaming: only the "{" prefix applies, and it arrives as content
-    attempts["stream"] = ['"s": 1}']
+    attempts["stream"] = ['{"s": 1}']
     chunks = list(client.chat.completions.create(model="tiny", messages=msgs("stream"), temperature=0, stream=True,
                                                  response_format={"type": "json_object"}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

@@ -10,6 +10,11 @@ Threading: `submit` starts a background thread that steps the device while there
 asyncio consumers through `loop.call_soon_threadsafe`. `add_request`, `abort` and `stats` are thread-safe
 (one lock; a step holds it while it runs, so an abort frees its pages right after the step in flight).
 Without the thread (tests, batch jobs) `step()` and `generate()` run on the caller's thread.
+
+Constrained decoding: a request whose SamplingParams has a `grammar` (internlm_jax.grammar.GrammarSpec) gets
+one grammar matcher per sample; the runner turns each matcher into the row's token mask before a step, and
+`_on_token` advances it with the sampled token. A sample whose grammar is complete finishes with "stop".
+The grammar compiler is built from the engine's tokenizer on first use (compiled grammars cached per spec).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,6 +40,8 @@ from internlm_jax.engine.scheduler import FINISHED, Scheduler, SchedulerConfig
 from internlm_jax.engine.scheduler import Sequence as Seq
 from internlm_jax.kv_cache import page_bytes
 from internlm_jax.sampling import SamplingParams
+
+log = logging.getLogger("internlm_jax.engine")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +179,8 @@ class Engine:
             jax.config.update("jax_compilation_cache_dir", ec.compilation_cache_dir)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         self.decode_fn = decode_fn or resolve_decode_fn(tokenizer)
+        self.tokenizer = tokenizer
+        self._grammar_compiler: Any = None
         self.max_model_len = ec.max_model_len or config.max_position_embeddings
         ps = ec.page_size
         self.max_pages_per_seq = -(-self.max_model_len // ps)
@@ -267,6 +277,20 @@ class Engine:
             self.params_source = params
             self.allocator.clear_cache()
 
+    @property
+    def grammar_compiler(self) -> Any:
+        """The grammar.GrammarCompiler for this engine's tokenizer and vocabulary (built on first use)."""
+        if self._grammar_compiler is None:
+            from internlm_jax.grammar import GrammarCompiler
+
+            if self.tokenizer is None:
+                raise ConfigError("constrained decoding (SamplingParams.grammar) needs the tokenizer: create the "
+                                  "Engine with tokenizer=")
+            stops = sorted(self.eos | ({self.tokenizer.im_end_id} if "<|im_end|>" in
+                                       getattr(self.tokenizer, "special_tokens", {}) else set()))
+            self._grammar_compiler = GrammarCompiler(self.tokenizer, self.config.vocab_size, stops)
+        return self._grammar_compiler
+
     # ---- requests ----------------------------------------------------------------------------------
     def add_request(self, prompt_ids: Sequence[int], sampling: SamplingParams | None = None,
                     request_id: str | None = None, on_event: Callable[[TokenEvent], None] | None = None) -> str:
@@ -284,6 +308,9 @@ class Engine:
                               "room for output. Shorten the prompt or raise max_model_len")
         if sampling.stop and self.decode_fn is None:
             raise ConfigError("stop strings need text: create the Engine with tokenizer= or decode_fn=")
+        matchers = [None] * sampling.n
+        if sampling.grammar is not None:  # compiled (or found in the cache) before the request is queued
+            matchers = [self.grammar_compiler.matcher(sampling.grammar) for _ in range(sampling.n)]
         with self._lock:
             rid = request_id if request_id is not None else f"req-{next(self._ids)}"
             if rid in self._requests:
@@ -293,7 +320,7 @@ class Engine:
             root = prefix_root(self.config, len(prompt))
             for i in range(sampling.n):
                 seq = Seq(next(self._seq_ids), req, i, list(prompt), len(prompt), sampling, seed=base_seed + i,
-                          parent=req.seqs[0] if i else None, hash_root=root)
+                          parent=req.seqs[0] if i else None, hash_root=root, grammar=matchers[i])
                 req.seqs.append(seq)
                 req.detoks.append(None if self.decode_fn is None else IncrementalText(
                     self.decode_fn, prompt, sampling.stop, sampling.include_stop_str_in_output))
@@ -366,9 +393,16 @@ class Engine:
             req.first_token = time.perf_counter()
         det = req.detoks[seq.index]
         reason = None
-        if token in sp.stop_token_ids or (token in self.eos and not sp.ignore_eos):
+        stop_token = token in sp.stop_token_ids or (token in self.eos and not sp.ignore_eos)
+        g = seq.grammar
+        if g is not None and not g.accept(token) and not stop_token:
+            # Cannot happen when the token was sampled within the row's mask; a forced token (tests) can.
+            log.error("request %s: token %d is outside its grammar (%s); aborting the sample", req.request_id,
+                      token, g.error)
+            reason = "abort"
+        elif stop_token or (det is not None and det.push(token)):  # a stop token or a stop string
             reason = "stop"
-        elif det is not None and det.push(token):
+        elif g is not None and g.done:  # the grammar is complete: nothing but a stop token could follow
             reason = "stop"
         elif seq.num_generated >= sp.max_tokens or len(seq.tokens) >= self.max_model_len:
             reason = "length"

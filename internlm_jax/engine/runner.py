@@ -7,6 +7,11 @@ and compiled at warm-up (`jit(...).lower(...).compile()`, nothing executed). Any
 counted in `compiles_after_warmup`; in addition every XLA backend compile that happens on the stepping
 thread after warm-up is counted by a jax.monitoring listener, which also catches stray eager jnp ops on the
 request path. Both must stay 0.
+
+Constrained rows (a grammar in their SamplingParams) bring a packed token mask, int32 [B, ceil(V/32)],
+computed on the host from each row's grammar matcher just before the call (llguidance, several rows in
+parallel) and passed as a third input of fixed shape per bucket; a step without constrained rows reuses a
+device-resident all-ones mask (nothing extra is transferred).
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from internlm_jax.config import ConfigError, ModelConfig
 from internlm_jax.engine.scheduler import Row
+from internlm_jax.grammar import fill_bitmasks
 from internlm_jax.kv_cache import PagedCache, resolve_kv_dtype
 from internlm_jax.model import forward, param_axes
-from internlm_jax.sampling import MAX_TOP_LOGPROBS, SamplingArrays, sample
+from internlm_jax.sampling import MAX_TOP_LOGPROBS, SamplingArrays, mask_words, sample, unpack_bitmask
 from internlm_jax.sharding import named_sharding, tree_shardings, use_mesh
 
 # ---- backend compiles per thread (jax.monitoring) --------------------------------------------------
@@ -99,15 +105,17 @@ def unpack_inputs(ints: jax.Array, floats: jax.Array, T: int, W: int) -> StepInp
     return StepInputs(tokens, positions, table, c[0], c[7], c[1], c[2], c[3] > 0, samp)
 
 
-def _step(config: ModelConfig, params: Any, state: DeviceState, ints: jax.Array, floats: jax.Array, *, T: int,
-          W: int) -> tuple[DeviceState, tuple[jax.Array, jax.Array]]:
-    """One bucket's step: forward over the rows' tokens, sample, count. Returns the new state and
+def _step(config: ModelConfig, params: Any, state: DeviceState, ints: jax.Array, floats: jax.Array,
+          mask: jax.Array, *, T: int, W: int) -> tuple[DeviceState, tuple[jax.Array, jax.Array]]:
+    """One bucket's step: forward over the rows' tokens, sample within each row's token mask (int32
+    [B, ceil(V/32)] packed bits), count. Returns the new state and
     (int32 [B, 1 + M] = token, top ids; float32 [B, 1 + M] = logprob, top logprobs)."""
     inp = unpack_inputs(ints, floats, T, W)
     cache = PagedCache(state.k, state.v, state.k_scale, state.v_scale, inp.page_table, inp.lengths)
     logits, cache = forward(params, inp.tokens, inp.positions, config=config, cache=cache, rope_len=inp.rope_len,
                             logits_index=inp.last_idx)
-    out = sample(logits, state.counts[inp.slots], state.prompt_mask[inp.slots], inp.sampling)
+    out = sample(logits, state.counts[inp.slots], state.prompt_mask[inp.slots], inp.sampling,
+                 unpack_bitmask(mask, logits.shape[-1]))
     counts = state.counts.at[inp.slots, out.tokens].add(inp.do_sample.astype(jnp.int32))
     new_state = DeviceState(cache.k, cache.v, cache.k_scale, cache.v_scale, counts, state.prompt_mask)
     return new_state, (jnp.concatenate([out.tokens[:, None], out.top_ids], axis=1),
@@ -178,6 +186,10 @@ class ModelRunner:
         self.compiles = 0
         self.compiles_after_warmup = 0
         self.compile_seconds = 0.0
+        self.mask_words = mask_words(config.vocab_size)
+        self._all_allowed: dict[int, jax.Array] = {}  # B -> device-resident all-ones mask
+        self.mask_seconds = 0.0  # host time spent computing grammar masks
+        self.masked_rows = 0
 
     # ---- placement ---------------------------------------------------------------------------------
     def _place_params(self, params: Any, shardings: Any = None) -> Any:
@@ -215,9 +227,10 @@ class ModelRunner:
         keys += [(b, t, w) for b in self.prefill_batch for t in self.chunks if t > 1 for w in self.widths]
         return sorted(set(keys))
 
-    def _abstract_inputs(self, B: int, T: int, W: int) -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+    def _abstract_inputs(self, B: int, T: int, W: int) -> tuple[jax.ShapeDtypeStruct, ...]:
         return (jax.ShapeDtypeStruct((B, 2 * T + W + _N_INT_COLS), np.int32, sharding=self.replicated),
-                jax.ShapeDtypeStruct((B, _N_FLOAT_COLS), np.float32, sharding=self.replicated))
+                jax.ShapeDtypeStruct((B, _N_FLOAT_COLS), np.float32, sharding=self.replicated),
+                jax.ShapeDtypeStruct((B, self.mask_words), np.int32, sharding=self.replicated))
 
     def _abstract(self, tree: Any) -> Any:
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree)
@@ -253,6 +266,8 @@ class ModelRunner:
             if key not in self._executables:
                 self._compile(key)
         self._reset_executable()
+        for B in sorted(set(self.decode_batch) | set(self.prefill_batch)):
+            self.all_allowed(B)
         self.warm = True
 
     # ---- execution ---------------------------------------------------------------------------------
@@ -289,6 +304,24 @@ class ModelRunner:
         samp = SamplingArrays.build(samp_rows, B)
         return StepInputs(tokens, positions, table, lengths, rope_len, last, slots, do_sample, samp)
 
+    def _mask(self, rows: list[Row], B: int) -> np.ndarray | None:
+        """Packed allowed-token masks of the rows that sample under a grammar; None if there are none."""
+        constrained = [(i, r.seq.grammar) for i, r in enumerate(rows)
+                       if r.sample and getattr(r.seq, "grammar", None) is not None]
+        if not constrained:
+            return None
+        t0 = time.perf_counter()
+        mask = np.full((B, self.mask_words), -1, np.int32)
+        fill_bitmasks(constrained, mask)
+        self.mask_seconds += time.perf_counter() - t0
+        self.masked_rows += len(constrained)
+        return mask
+
+    def all_allowed(self, B: int) -> jax.Array:
+        if B not in self._all_allowed:
+            self._all_allowed[B] = jax.device_put(np.full((B, self.mask_words), -1, np.int32), self.replicated)
+        return self._all_allowed[B]
+
     def run(self, rows: list[Row]) -> list[tuple[int, float, np.ndarray, np.ndarray] | None]:
         """Run one scheduler step; per row (token, logprob, top ids, top logprobs) if it sampled, else None."""
         results: list[Any] = [None] * len(rows)
@@ -303,8 +336,13 @@ class ModelRunner:
             B = pick_bucket(self.decode_batch if T == 1 else self.prefill_batch, len(group), "rows in a step")
             W = pick_bucket(self.widths, max(len(r.seq.pages) for r in group), "page-table width")
             exe = self._executables.get((B, T, W)) or self._compile((B, T, W))
-            ints, floats = jax.device_put(pack_inputs(self._inputs(group, B, T, W)), self.replicated)
-            self.state, out = exe(self.params, self.state, ints, floats)
+            host = pack_inputs(self._inputs(group, B, T, W))
+            mask = self._mask(group, B)
+            if mask is None:
+                (ints, floats), mask = jax.device_put(host, self.replicated), self.all_allowed(B)
+            else:
+                ints, floats, mask = jax.device_put((*host, mask), self.replicated)
+            self.state, out = exe(self.params, self.state, ints, floats, mask)
             pending.append((idx, out))
         for idx, out in pending:  # fetch after dispatching every call
             ints, floats = jax.device_get(out)

@@ -48,6 +48,7 @@ class Sequence:
     cached_tokens: int = 0  # prefix-cache hits at first admission
     num_preemptions: int = 0
     finish_reason: str | None = None
+    grammar: Any = None  # grammar.GrammarMatcher of a constrained sequence (advanced by the engine)
 
     @property
     def num_generated(self) -> int:

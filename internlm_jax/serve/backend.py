@@ -37,7 +37,6 @@ class ServeConfig:
     max_queue: int = 256  # sequences allowed to wait beyond the engine's decode slots; more -> 429
     max_body_bytes: int = 8 << 20
     cors_origins: tuple[str, ...] = ()
-    json_retries: int = 2  # response_format json_object: extra attempts when the reply is not JSON
     scoring_batch: int = 4  # rows per prompt-logprob forward
     random_weights: bool = False  # shown in /v1/models and /health: the model is an untrained preset
     # Special-token names inside message content (and tools) become control tokens: only for trusted clients,

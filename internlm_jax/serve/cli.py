@@ -44,7 +44,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-queue", type=int, default=256,
                    help="sequences that may wait beyond --max-batch; more get 429")
     g.add_argument("--max-body-mb", type=float, default=8.0, help="largest accepted request body")
-    g.add_argument("--json-retries", type=int, default=2, help="response_format json_object: extra attempts")
     g.add_argument("--warmup-scoring", action="store_true",
                    help="also compile the prompt-logprob forward (echo/logprobs) for every length bucket")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ServeConfig(model_name=name, api_keys=api_keys, max_queue=args.max_queue,
                       max_body_bytes=int(args.max_body_mb * (1 << 20)), cors_origins=_split([args.cors_origins] if
                                                                                           args.cors_origins else []),
-                      json_retries=args.json_retries, random_weights=random_weights,
+                      random_weights=random_weights,
                       allow_special_tokens_in_content=args.allow_special_tokens_in_content,
                       open_metrics=args.open_metrics)
     backend = Backend(engine, lm.tokenizer, cfg)

@@ -53,7 +53,7 @@ def check_token_ids(backend: Backend, ids: list[int], where: str) -> None:
 
 def sampling_params(req: _Sampling, *, max_tokens: int, stop_token_ids: tuple[int, ...], stop: tuple[str, ...],
                     logprobs: int | None, seed: int | None = None,
-                    temperature: float | None = None) -> SamplingParams:
+                    temperature: float | None = None, grammar: Any = None) -> SamplingParams:
     """The engine's SamplingParams from an OpenAI request (OpenAI defaults: temperature 1, top_p 1)."""
     temp = req.temperature if temperature is None else temperature
     try:
@@ -66,7 +66,7 @@ def sampling_params(req: _Sampling, *, max_tokens: int, stop_token_ids: tuple[in
             seed=(req.seed if seed is None else seed), n=req.n,
             # ignore_eos (benchmarks): run to max_tokens, ignoring the end-of-turn tokens as well.
             stop_token_ids=() if req.ignore_eos else stop_token_ids, stop=stop, ignore_eos=req.ignore_eos,
-            logprobs=logprobs)
+            logprobs=logprobs, grammar=grammar)
     except ConfigError as e:
         raise bad_request(str(e)) from None
 

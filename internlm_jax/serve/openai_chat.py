@@ -10,21 +10,20 @@ block becomes a `tool_calls` entry (streamed as one delta per call, when its blo
 reply also stops at <|action_end|>. Any remaining special-token names are removed from `content`.
 
 `tool_choice`: "none" leaves the tools out of the prompt; "auto" lets the model decide; "required" and a
-named function force a call by starting the assistant's reply with `<|action_start|><|plugin|>\\n` (and
-`{"name": "<fn>", "parameters": ` for a named one): the model continues inside the call block.
+named function force a call by constrained decoding (internlm_jax.grammar): the reply must be one
+`<|action_start|><|plugin|>\\n{"name": N, "parameters": P}<|action_end|>` block, N one of the tools ("required")
+or the named one, P valid for N's `parameters` schema, the action tokens being the real special tokens. It
+parses into `tool_calls`; nothing is injected into the prompt or the content.
 
-`response_format` json_object: the reply is started with "{" (a JSON-prefix: the model continues an
-object) and, when not streaming, the text is cut after the first complete JSON value and checked with
-json.loads; a reply that is not a JSON object is regenerated (temperature >= 0.7, a new seed) up to
-ServeConfig.json_retries more times, and if none parses the server answers 500 `json_generation_failed`
-rather than return invalid JSON. json_schema additionally checks the schema with `jsonschema` when it is
-installed. Streaming json_object only applies the "{" prefix: streamed text cannot be taken back.
-This is validation + retry, not token-level constrained decoding (the engine has no logit masks).
+`response_format` json_object / json_schema: the reply is constrained to a JSON object / an instance of the
+schema, token by token (masks inside the sampler, streaming included), so a finished reply always parses
+(and validates); only a reply cut by max_tokens (finish_reason "length") can be incomplete. One generation,
+at the request's own temperature (0 stays greedy). json_schema `strict: true` makes unsupported schema
+keywords a 400 (otherwise they are ignored). A schema that cannot be compiled is a 400 with the reason.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -33,6 +32,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from internlm_jax import chat as chat_lib
 from internlm_jax.engine import TokenEvent
+from internlm_jax.grammar import GrammarError, GrammarSpec
 from internlm_jax.serve.backend import Backend, Generation
 from internlm_jax.serve.common import check_model, collect, now, resolve_max_tokens, sampling_params, usage
 from internlm_jax.serve.errors import APIError, bad_request
@@ -73,11 +73,10 @@ class ChatPlan:
         check_tool_schemas(req.tools)
         mode, fname = tool_choice(req)
         self.json_mode = response_format(req)
-        self.schema = (req.response_format or {}).get("json_schema", {}).get("schema") \
-            if self.json_mode == "json_schema" else None
+        self.grammar = self._grammar(backend, req, mode, fname)
         backend.check_fits(1, req.n)
-        tools = [t.function.model_dump(exclude_none=True) for t in req.tools] if req.tools and mode != "none" \
-            else None
+        tools = [t.function.model_dump(exclude_none=True, exclude={"strict"}) for t in req.tools] \
+            if req.tools and mode != "none" else None
         messages = []
         for m in req.messages:
             d = m.model_dump(exclude_none=True)
@@ -91,16 +90,6 @@ class ChatPlan:
                                        trusted=backend.config.allow_special_tokens_in_content)
         except chat_lib.TemplateError as e:
             raise bad_request(str(e), param="messages") from None
-        prefix: list[chat_lib.Segment] = []
-        if mode in ("required", "function"):
-            prefix = [(chat_lib.ACTION_START, True), (chat_lib.PLUGIN, True), ("\n", False)]
-            if mode == "function":
-                prefix.append((f'{{"name": {json.dumps(fname, ensure_ascii=False)}, "parameters": ', False))
-        elif self.json_mode != "text":
-            prefix = [("{", False)]
-        self.prefix = "".join(text for text, _ in prefix)
-        if prefix:
-            ids += chat_lib.encode_segments(tok, prefix)
         self.prompt_ids = ids
         requested = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         self.max_tokens = resolve_max_tokens(backend, len(ids), requested, "messages")
@@ -111,9 +100,41 @@ class ChatPlan:
         self.req = req
         self.special = list(getattr(tok, "special_tokens", {}) or {}) + list(chat_lib.CHAT_SPECIAL_TOKENS)
 
-    def sampling(self, seed: int | None = None, temperature: float | None = None):
+    @staticmethod
+    def _grammar(backend: Backend, req: ChatCompletionRequest, mode: str, fname: str | None) -> GrammarSpec | None:
+        """The output grammar: a forced tool call, else the response_format's JSON; compiled here (cached) so
+        an unusable schema is a 400 before anything is queued."""
+        param = "response_format"
+        try:
+            if mode in ("required", "function"):
+                fns = [t.function for t in req.tools or [] if mode == "required" or t.function.name == fname]
+                param = "tools"
+                spec = GrammarSpec.tool_call([(f.name, f.parameters) for f in fns],
+                                             strict=any(bool(f.strict) for f in fns))
+            elif response_format(req) == "json_object":
+                spec = GrammarSpec.json_object()
+            elif response_format(req) == "json_schema":
+                js = req.response_format["json_schema"]
+                schema = js.get("schema", {})
+                import jsonschema
+
+                try:
+                    jsonschema.validators.validator_for(schema).check_schema(schema)
+                except jsonschema.SchemaError as e:
+                    raise GrammarError(f"not a valid JSON schema: {e.message}") from None
+                spec = GrammarSpec.json_schema(schema, strict=bool(js.get("strict")))
+            else:
+                return None
+            backend.engine.grammar_compiler.check(spec)
+        except GrammarError as e:
+            what = "the tools' parameters" if param == "tools" else "'response_format.json_schema'"
+            raise bad_request(f"{what} cannot be used for constrained decoding: {e}", param=param,
+                              code="invalid_schema") from None
+        return spec
+
+    def sampling(self):
         return sampling_params(self.req, max_tokens=self.max_tokens, stop_token_ids=self.stop_ids, stop=self.stop,
-                               logprobs=self.logprobs, seed=seed, temperature=temperature)
+                               logprobs=self.logprobs, grammar=self.grammar)
 
 
 class _Choice:
@@ -130,7 +151,6 @@ class _Choice:
         self.token_ids: list[int] = []
         self.logprobs: list[dict] | None = [] if plan.logprobs is not None else None
         self.finish_reason: str | None = None
-        self._pending = plan.prefix  # the forced start of the reply goes through the parser first
 
     def _delta(self, text: str, final: bool) -> tuple[str, list[dict]]:
         content, calls = text, []
@@ -154,8 +174,7 @@ class _Choice:
             if self.logprobs is not None:
                 new_lp.append(self._logprob_entry(ev))
                 self.logprobs.append(new_lp[-1])
-        text = self._pending + ev.text
-        self._pending = ""
+        text = ev.text
         if ev.finished:
             self.finish_reason = ev.finish_reason
         content, calls = self._delta(text, ev.finished)
@@ -189,32 +208,8 @@ def _message(ch: _Choice) -> dict[str, Any]:
     return msg
 
 
-def _json_ok(ch: _Choice, plan: ChatPlan) -> bool:
-    """Cut the content after its first JSON value; True if that is an object (matching the schema)."""
-    text = ch.text.lstrip()
-    try:
-        obj, end = json.JSONDecoder().raw_decode(text)
-    except json.JSONDecodeError:
-        return False
-    if not isinstance(obj, dict):
-        return False
-    if plan.schema:
-        try:
-            import jsonschema
-        except ImportError:  # no validator installed: an object is the best we can check
-            jsonschema = None
-        if jsonschema is not None:
-            try:
-                jsonschema.validate(obj, plan.schema)
-            except jsonschema.ValidationError:
-                return False
-    ch.content = [text[:end]]
-    return True
-
-
-async def _run_once(backend: Backend, plan: ChatPlan, request: Request, seed: int | None,
-                    temperature: float | None) -> tuple[list[_Choice], Generation]:
-    gen = await backend.open([plan.prompt_ids], plan.sampling(seed, temperature))
+async def _run_once(backend: Backend, plan: ChatPlan, request: Request) -> tuple[list[_Choice], Generation]:
+    gen = await backend.open([plan.prompt_ids], plan.sampling())
     surfaces = TokenSurfaces(backend.tokenizer)
     choices = [_Choice(i, plan, surfaces) for i in range(plan.req.n)]
 
@@ -234,22 +229,8 @@ async def chat_completion(backend: Backend, req: ChatCompletionRequest, request:
         gen = await backend.open([plan.prompt_ids], plan.sampling())
         return StreamingResponse(_stream(backend, plan, gen, rid, created), media_type="text/event-stream",
                                  headers=SSE_HEADERS)
-    choices, gen = await _run_once(backend, plan, request, None, None)
+    choices, gen = await _run_once(backend, plan, request)
     completion_tokens = gen.completion_tokens
-    if plan.json_mode != "text":
-        attempt = 0
-        while True:
-            bad = [c for c in choices if c.finish_reason == "stop" and not c.tool_calls and not _json_ok(c, plan)]
-            if not bad:
-                break
-            if attempt >= backend.config.json_retries:
-                raise APIError(500, f"the model did not produce a valid JSON object in {attempt + 1} attempts "
-                                    f"(last reply: {bad[0].text[:200]!r}); retry, or relax response_format",
-                               code="json_generation_failed")
-            attempt += 1
-            seed = (req.seed or 0) + 7919 * attempt
-            choices, gen = await _run_once(backend, plan, request, seed, max(0.7, req.temperature or 0.0))
-            completion_tokens = gen.completion_tokens
     out_choices = []
     for ch in choices:
         c: dict[str, Any] = {"index": ch.index, "message": _message(ch),

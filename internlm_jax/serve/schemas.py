@@ -51,6 +51,7 @@ class FunctionDef(_Model):
     name: str
     description: str | None = None
     parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # a forced call's arguments: unsupported schema keywords are a 400 (else ignored)
 
 
 class Tool(_Model):
@@ -214,7 +215,7 @@ def tool_choice(req: ChatCompletionRequest) -> ToolChoice:
 
 
 def response_format(req: ChatCompletionRequest) -> str:
-    """'text' or 'json_object' ('json_schema' is accepted and treated as json_object plus a schema check)."""
+    """'text', 'json_object' or 'json_schema' (then `json_schema.schema` is an object and `strict` a bool)."""
     rf = req.response_format
     if rf is None:
         return "text"
@@ -226,6 +227,9 @@ def response_format(req: ChatCompletionRequest) -> str:
         js = rf.get("json_schema")
         if not isinstance(js, dict) or not isinstance(js.get("schema", {}), dict):
             raise bad_request("'response_format.json_schema' must be an object with a 'schema' object",
+                              param="response_format")
+        if js.get("strict") is not None and not isinstance(js["strict"], bool):
+            raise bad_request(f"'response_format.json_schema.strict' must be a boolean, got {js['strict']!r:.40}",
                               param="response_format")
     return kind
 

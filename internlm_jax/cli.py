@@ -38,8 +38,9 @@ def _accelerator_present() -> bool:
         return True
     for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
         try:
-            if open(vendor).read().strip() == "0x1ae0":  # Google: TPU chips
-                return True
+            with open(vendor) as f:
+                if f.read().strip() == "0x1ae0":  # Google: TPU chips
+                    return True
         except OSError:
             continue
     return False

@@ -79,7 +79,7 @@ def test_summary_marks_errors_and_labels_zero_bars(tmp_path, monkeypatch):
     results = {"models": ["a"], "needle": {"a": {"version": "v1", "average": 0.0}},
                "tasks": {"t1": {"version": "1", "mode": "ppl", "metrics": {"a": {"accuracy": 0.0}}},
                          "t2": {"version": "2", "mode": "clp", "metrics": {}, "errors": {"a": "ValueError: x"}}}}
-    header, rows = summary_rows(results)
+    _, rows = summary_rows(results)
     assert ["t2", "2", "-", "clp", "error"] in rows
     labels: list[str] = []
     real = matplotlib.axes.Axes.bar_label

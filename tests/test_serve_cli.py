@@ -87,7 +87,7 @@ def test_chat_cli_remote_history_reset_system(server, monkeypatch, capsys):
     second = ask([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
                   {"role": "user", "content": "Again"}])
     third = ask([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
-    assert _replies(out) == [first, second, third]
+    assert _replies(out) == [chat_cli.printable(x) for x in (first, second, third)]  # shown escaped
     assert "(conversation reset)" in out and "(system prompt set; conversation reset)" in out
     assert "unknown command '/nope'" in out
 
@@ -110,7 +110,7 @@ def test_chat_cli_in_process(tok_dir, server, monkeypatch, capsys):
     assert "RANDOM weights" in out
     want = openai.OpenAI(base_url=server + "/v1", api_key="x").chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
-    assert _replies(out) == [want.choices[0].message.content]
+    assert _replies(out) == [chat_cli.printable(want.choices[0].message.content)]
 
 
 @pytest.mark.slow
@@ -122,7 +122,7 @@ def test_chat_cli_tensor_parallel_and_int4(tok_dir, server, monkeypatch, capsys)
     want = openai.OpenAI(base_url=server + "/v1", api_key="x").chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
     out = _run_chat(monkeypatch, capsys, [*base, "--tp", "2"], "Hello\n")
-    assert _replies(out) == [want.choices[0].message.content]
+    assert _replies(out) == [chat_cli.printable(want.choices[0].message.content)]
     out = _run_chat(monkeypatch, capsys, [*base, "--quant", "int4", "--quant-group-size", "32", "--kv-int8"],
                     "Hello\n")
     assert len(_replies(out)) == 1 and "[error]" not in out
@@ -272,7 +272,7 @@ def _start_serve(args: list[str], log_path) -> tuple[subprocess.Popen, str]:
     deadline = time.monotonic() + 240
     while True:
         if proc.poll() is not None:
-            raise AssertionError(open(log_path).read())
+            raise AssertionError(log_path.read_text())
         try:
             if httpx.get(url + "/health", timeout=2).status_code == 200:
                 return proc, url

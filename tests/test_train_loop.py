@@ -151,7 +151,7 @@ def test_ctrl_c_saves_the_last_step_and_the_rerun_resumes_there(tmp_path):
 
 
 def test_cli_turns_ctrl_c_into_one_line_and_exit_130(monkeypatch, capsys):
-    import internlm_jax.cli as cli
+    from internlm_jax import cli
     from internlm_jax.train import cli as train_cli
 
     def interrupted(argv):

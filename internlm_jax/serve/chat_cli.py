@@ -150,7 +150,7 @@ def _raise_for(r: Any) -> None:
         raise RuntimeError(f"server answered {r.status_code}: {msg}")
 
 
-_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x00, 0x20), *range(0x7f, 0xa0)] if chr(i) not in "\n\t"}
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7f, 0xa0)] if chr(i) not in "\n\t"}
 _CONTROL.update({ord("\r"): "\\r", 0x1b: "\\x1b"})
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # command -> "module:function"; each function takes argv (list[str]) and returns an exit code.
@@ -29,6 +30,58 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+def _accelerator_present() -> bool:
+    """A TPU, NVIDIA or AMD GPU attached to this machine (PCI vendor ids and device nodes, as JAX probes them)."""
+    import glob
+
+    if any(os.path.exists(d) for d in ("/dev/nvidia0", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")):
+        return True
+    if glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"):  # TPU VMs expose their chips here
+        return True
+    for vendor in glob.glob("/sys/bus/pci/devices/*/vendor"):
+        try:
+            with open(vendor) as f:
+                if f.read().strip() == "0x1ae0":  # Google: TPU chips
+                    return True
+        except OSError:
+            continue
+    return False
+
+
+def quiet_platforms(environ: dict[str, str] | None = None) -> str | None:
+    """On a machine without an accelerator, pin JAX to the CPU (JAX_PLATFORMS=cpu) unless the user chose.
+
+    With libtpu installed (the `tpu` extra), JAX otherwise initialises the TPU plugin on every start, and on a
+    CPU-only host libtpu prints an error block ('Failed to find host bounds', 'unexpected worker hostname',
+    'No jellyfish device found') before falling back to the CPU. AOT compilation for a TPU topology (`plan`)
+    does not need the TPU backend, so nothing is lost. On a TPU or GPU host nothing is changed.
+    Returns the value set, or None."""
+    env = os.environ if environ is None else environ
+    if "JAX_PLATFORMS" in env or "JAX_FORCE_TPU_INIT" in env or env.get("INTERNLM_JAX_KEEP_PLATFORMS"):
+        return None
+    if _accelerator_present():
+        return None
+    env["JAX_PLATFORMS"] = "cpu"
+    return "cpu"
+
+
+def _quiet_jax() -> None:
+    """quiet_platforms() for this process (JAX reads JAX_PLATFORMS when imported, and `import internlm_jax`
+    imports it: the config is updated too, as long as no backend has started) and for its children."""
+    if quiet_platforms() is None or "jax" not in sys.modules:
+        return
+    try:
+        from jax._src import xla_bridge
+
+        started = bool(xla_bridge._backends)
+    except (ImportError, AttributeError):  # another JAX layout: leave the (already imported) config alone
+        return
+    if not started:
+        import jax
+
+        jax.config.update("jax_platforms", os.environ["JAX_PLATFORMS"])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -43,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         print(_usage(), file=sys.stderr)
         return 2
+    _quiet_jax()
     target, _ = COMMANDS[name]
     mod_name, fn_name = target.split(":")
     try:
@@ -52,7 +106,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"internlm-jax: command {name!r} is not available in this build ({e.name} missing)", file=sys.stderr)
             return 2
         raise
-    return int(getattr(mod, fn_name)(rest) or 0)
+    try:
+        return int(getattr(mod, fn_name)(rest) or 0)
+    except KeyboardInterrupt as e:  # Ctrl-C: one line (what was saved, where to resume), no traceback
+        print(f"\ninternlm-jax {name}: {e or 'interrupted'}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

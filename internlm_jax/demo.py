@@ -1,4 +1,6 @@
-"""`internlm-jax demo`: the whole chain on a laptop CPU, from data to application, in a few minutes.
+"""`internlm-jax demo`: the whole chain on a laptop CPU, from data to application: about 5 minutes on a quiet
+2-core machine, more on a busy one (each stage shows its progress; timings.json records them; a rerun is
+faster, compiled programs come from the persistent compilation cache).
 
 data -> sentencepiece tokenizer with the InternLM2 special tokens -> pre-train a tiny InternLM2 -> LoRA SFT on
 chat and tool-use dialogues -> evaluate before/after on held-out prompts -> int4 (AWQ) -> serve over
@@ -29,6 +31,34 @@ SETTINGS = {  # steps per stage; `--quick` is for CI smoke runs
     "full": {"docs": 3000, "pretrain_steps": 300, "sft_steps": 400, "eval_items": 40},
     "quick": {"docs": 600, "pretrain_steps": 30, "sft_steps": 30, "eval_items": 8},
 }
+
+
+MARKER = ".internlm-jax-demo"  # written into the output folder: only a folder holding it is ever cleared
+# What the demo writes under --out; a rerun removes exactly these (never the folder, never anything else).
+ARTIFACTS = ("data", "tokenizer", "pretrain", "sft", "int4", "server.log", "eval.md", "eval.json",
+             "int4_report.json", "answers.json", "timings.json")
+
+
+def prepare_out(out: Path) -> None:
+    """Make `out` ready for a run: create it, or clear a previous demo's artifacts from it. A folder that
+    holds anything else and no demo marker is refused (ConfigError) rather than wiped."""
+    from internlm_jax.config import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; give a folder")
+    if out.exists() and any(out.iterdir()):
+        if not (out / MARKER).exists():
+            raise ConfigError(f"--out {out} exists and is not empty (and was not written by the demo); nothing "
+                              "was changed. Give a new or empty folder, e.g. --out runs/demo2")
+        for name in ARTIFACTS:
+            p = out / name
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by `internlm-jax demo`; a rerun with this --out replaces the demo's "
+                              "artifacts here: " + ", ".join(ARTIFACTS) + "\n")
 
 
 def _log(msg: str) -> None:
@@ -163,6 +193,24 @@ def quantize(out: Path, lm: Any, tok_dir: Path, corpus: Path) -> tuple[Path, dic
     return path, report
 
 
+# The demo's server handles one request at a time: a few slots and small buckets keep its warm-up to a handful of
+# compiled programs (the defaults, sized for many concurrent users, compile ~40).
+SERVE_ENGINE = ["--max-batch", "2", "--max-context", "512",
+                "--engine-buckets", "decode=1,2;prefill=1;chunks=64,512;widths=8"]
+
+
+def _echo_progress(log_path: Path, shown: int) -> int:
+    """Print the server log's warm-up and ready lines written since line `shown`; returns the new count."""
+    try:
+        lines = log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return shown
+    for line in lines[shown:]:
+        if "warm-up" in line or "engine ready" in line or "serving" in line:
+            print("  server: " + line.split(": ", 1)[-1], flush=True)
+    return len(lines)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -176,14 +224,18 @@ def serve_and_ask(out: Path, model_dir: Path, tok_dir: Path) -> dict[str, Any]:
     port = _free_port()
     log_path = out / "server.log"
     cmd = [sys.executable, "-m", "internlm_jax.cli", "serve", "--model", str(model_dir), "--tokenizer",
-           str(tok_dir), "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "demo"]
+           str(tok_dir), "--host", "127.0.0.1", "--port", str(port), "--served-model-name", "demo",
+           *SERVE_ENGINE]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     results: dict[str, Any] = {"command": " ".join(cmd)}
+    t0 = time.time()
+    shown = 0
     try:
         deadline = time.time() + 300
         while True:
+            shown = _echo_progress(log_path, shown)
             if proc.poll() is not None:
                 raise RuntimeError(f"the server exited early (code {proc.returncode}); see {log_path}")
             try:
@@ -194,6 +246,9 @@ def serve_and_ask(out: Path, model_dir: Path, tok_dir: Path) -> dict[str, Any]:
             if time.time() > deadline:
                 raise RuntimeError(f"the server did not become healthy in 300 s; see {log_path}")
             time.sleep(1)
+        _echo_progress(log_path, shown)
+        results["seconds_to_ready"] = round(time.time() - t0, 1)
+        print(f"server ready in {results['seconds_to_ready']:.0f} s", flush=True)
         system = "You are a precise assistant. Answer with the result only."
         chat = {"model": "demo", "temperature": 0, "max_tokens": 24,
                 "messages": [{"role": "system", "content": system},
@@ -232,17 +287,28 @@ def serve_and_ask(out: Path, model_dir: Path, tok_dir: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="internlm-jax demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="runs/demo", help="output folder for every artifact")
+    p.add_argument("--out", default="runs/demo", help="output folder for every artifact (new or empty, or an "
+                   "earlier demo's: only the demo's own files there are replaced)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage (smoke test)")
     p.add_argument("--no-serve", action="store_true", help="skip the HTTP server stage")
     args = p.parse_args(argv)
     s = SETTINGS["quick" if args.quick else "full"]
-    out = Path(args.out).resolve()
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    out = Path(args.out).expanduser().resolve()
+    from internlm_jax.config import ConfigError
+
+    try:
+        prepare_out(out)
+    except ConfigError as e:
+        print(f"internlm-jax demo: {e}", file=sys.stderr)
+        return 2
     t_start = time.time()
     timings: dict[str, float] = {}
+    # Compiled programs persist across runs (and are shared with `serve`/`chat`): a rerun compiles little.
+    from argparse import Namespace
+
+    from internlm_jax.serve.loading import compilation_cache_dir, enable_compilation_cache
+
+    enable_compilation_cache(compilation_cache_dir(Namespace()))
 
     def stage(name: str):
         timings[name] = time.time()
@@ -290,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     ends = [timings[n] for n in names[1:]] + [time.time()]
     for n, end in zip(names, ends):
         print(f"  {n:<60} {end - timings[n]:6.1f} s")
+    (out / "timings.json").write_text(json.dumps({n: round(end - timings[n], 1) for n, end in zip(names, ends)},
+                                                 indent=2))
     print(f"total {time.time() - t_start:.0f} s; everything is in {out}")
     print("  loss curves:  " + ", ".join(str(x) for x in sorted(out.glob("*/loss_curve.png"))))
     print(f"  serve it:     internlm-jax serve --model {qdir} --tokenizer {tok_dir}")

@@ -290,9 +290,9 @@ def test_convert_cli_round_trip(reference, tmp_path, capsys):
     assert convert_main(["--from", str(ckpt), "--to-hf", str(out), "--max-shard-size", "20KB", "--quiet"]) == 0
     _, again = load_hf(out, progress=False)
     _assert_params_equal(again, params)
-    assert convert_main(["--from", str(ckpt), "--to-hf", str(out), "--quiet"]) == 1
+    assert convert_main(["--from", str(ckpt), "--to-hf", str(out), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert convert_main(["--from-hf", str(tmp_path / "none"), "--to", str(tmp_path / "x")]) == 1
+    assert convert_main(["--from-hf", str(tmp_path / "none"), "--to", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

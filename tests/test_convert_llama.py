@@ -144,9 +144,9 @@ def test_to_llama_errors(tmp_path, tok_dir, capsys):
     src = _source(tmp_path, tok_dir, "gqa")
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "x").write_text("keep")
-    assert convert_main(["--from-hf", src, "--to-llama", str(tmp_path / "taken"), "--quiet"]) == 1
+    assert convert_main(["--from-hf", src, "--to-llama", str(tmp_path / "taken"), "--quiet"]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert convert_main(["--from-hf", src, "--to-llama", str(tmp_path / "o"), "--tokenizer", str(tmp_path)]) == 1
+    assert convert_main(["--from-hf", src, "--to-llama", str(tmp_path / "o"), "--tokenizer", str(tmp_path)]) == 2
     assert "no tokenizer.model" in capsys.readouterr().err
     config, params = load_hf(src, progress=False)
     with pytest.raises(CheckpointError, match="param layers/wqkv has shape"):

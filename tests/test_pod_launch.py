@@ -30,7 +30,10 @@ def test_down_dry_run_and_bad_accelerator():
     assert "queued-resources delete x" in out
     bad = subprocess.run([sys.executable, str(ROOT / "tools/tpu_pod/launch.py"), "up", "--name", "x", "--zone", "z",
                           "--accelerator", "v9z-1", "--dry-run"], capture_output=True, text=True, timeout=60)
-    assert bad.returncode != 0 and "unknown accelerator type" in bad.stderr
+    assert bad.returncode == 2 and "unknown accelerator type" in bad.stderr and "Traceback" not in bad.stderr
+    near = subprocess.run([sys.executable, str(ROOT / "tools/tpu_pod/launch.py"), "up", "--name", "x", "--zone", "z",
+                           "--accelerator", "v5p-128x", "--dry-run"], capture_output=True, text=True, timeout=60)
+    assert near.returncode == 2 and "did you mean 'v5p-128'" in near.stderr and "Traceback" not in near.stderr
 
 
 def test_unreachable_coordinator_is_a_clear_error():

@@ -31,6 +31,12 @@ WEATHER = {"type": "function", "function": {"name": "get_current_weather", "desc
                                                            "properties": {"location": {"type": "string"}}}}}
 
 
+@pytest.fixture(autouse=True)
+def _no_default_compilation_cache(monkeypatch):
+    """serve/chat use a persistent compilation cache under ~/.cache by default; tests keep out of it."""
+    monkeypatch.setenv("INTERNLM_JAX_CACHE", "off")
+
+
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
     return make_tokenizer_dir(tmp_path_factory.mktemp("tok"))
@@ -81,7 +87,7 @@ def test_chat_cli_remote_history_reset_system(server, monkeypatch, capsys):
     second = ask([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": first},
                   {"role": "user", "content": "Again"}])
     third = ask([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}])
-    assert _replies(out) == [first, second, third]
+    assert _replies(out) == [chat_cli.printable(x) for x in (first, second, third)]  # shown escaped
     assert "(conversation reset)" in out and "(system prompt set; conversation reset)" in out
     assert "unknown command '/nope'" in out
 
@@ -104,7 +110,7 @@ def test_chat_cli_in_process(tok_dir, server, monkeypatch, capsys):
     assert "RANDOM weights" in out
     want = openai.OpenAI(base_url=server + "/v1", api_key="x").chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
-    assert _replies(out) == [want.choices[0].message.content]
+    assert _replies(out) == [chat_cli.printable(want.choices[0].message.content)]
 
 
 @pytest.mark.slow
@@ -116,7 +122,7 @@ def test_chat_cli_tensor_parallel_and_int4(tok_dir, server, monkeypatch, capsys)
     want = openai.OpenAI(base_url=server + "/v1", api_key="x").chat.completions.create(
         model="tiny", messages=[{"role": "user", "content": "Hello"}], max_tokens=8, temperature=0)
     out = _run_chat(monkeypatch, capsys, [*base, "--tp", "2"], "Hello\n")
-    assert _replies(out) == [want.choices[0].message.content]
+    assert _replies(out) == [chat_cli.printable(want.choices[0].message.content)]
     out = _run_chat(monkeypatch, capsys, [*base, "--quant", "int4", "--quant-group-size", "32", "--kv-int8"],
                     "Hello\n")
     assert len(_replies(out)) == 1 and "[error]" not in out
@@ -135,6 +141,67 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def test_chat_checks_the_tokenizer_before_the_warm_up(tmp_path, monkeypatch, capsys):
+    from internlm_jax.serve import loading
+
+    ij.init("internlm2-tiny", seed=0).save(str(tmp_path / "no_tok"))  # an HF folder without tokenizer files
+
+    def no_warmup(*a, **k):
+        raise AssertionError("the engine was built (and warmed up) before the tokenizer check")
+
+    monkeypatch.setattr(loading, "build_engine", no_warmup)
+    assert chat_cli.main(["--model", str(tmp_path / "no_tok")]) == 2
+    assert "has no tokenizer" in capsys.readouterr().err
+
+
+class _Scripted:
+    def __init__(self, *replies):
+        self.replies = list(replies)
+
+    def reply(self, messages):
+        item = self.replies.pop(0)
+        if isinstance(item, BaseException):
+            yield ("content", "partial ")
+            raise item
+        yield ("content", item)
+        yield ("done", "stop")
+
+
+def test_chat_escapes_control_characters_and_survives_ctrl_c():
+    backend = _Scripted("\x1b[2J\rgotcha\x07 ok\n\tline", KeyboardInterrupt(), "fine")
+    out = io.StringIO()
+    assert chat_cli.run_chat(backend, None, io.StringIO("one\ntwo\nthree\n"), out) == 0
+    text = out.getvalue()
+    assert "\x1b" not in text and "\r" not in text and "\x07" not in text
+    assert "\\x1b[2J\\rgotcha\\x07 ok\n\tline" in text  # shown escaped; newline and tab kept
+    assert "[reply stopped; this turn was dropped]" in text and "assistant> fine" in text
+
+    class CtrlCAtPrompt(io.StringIO):
+        def readline(self, *a):
+            raise KeyboardInterrupt
+
+    assert chat_cli.run_chat(_Scripted(), None, CtrlCAtPrompt(), io.StringIO()) == 130
+
+
+def test_warmup_progress_and_ready_line_without_cache(tok_dir, caplog):
+    import argparse
+
+    from internlm_jax.serve import loading
+
+    p = argparse.ArgumentParser()
+    loading.add_model_args(p)
+    args = p.parse_args(["--model", "internlm2-tiny", "--tokenizer", tok_dir, "--no-compilation-cache",
+                         *SMALL_ENGINE])
+    lm, _ = loading.load_lm(args)
+    calls = []
+    engine = loading.build_engine(lm, args, progress=lambda *c: calls.append(c))
+    n = calls[-1][1]
+    assert n >= 3 and [c[0] for c in calls] == list(range(n + 1))  # each program announced, then done
+    assert calls[0][2] is not None and calls[-1][0] == n
+    assert engine.warmup_origin == "compiled (persistent cache off)"
+    engine.shutdown()
 
 
 def test_api_keys_from_flag_file_and_environment(tmp_path, capsys):
@@ -194,6 +261,41 @@ def test_serve_command_end_to_end(tok_dir, tmp_path):
             finally:
                 if proc.poll() is None:
                     proc.kill()
+
+
+def _start_serve(args: list[str], log_path) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    cmd = [sys.executable, "-m", "internlm_jax.cli", "serve", "--port", str(port), *args]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(log_path.read_text())
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "server did not come up"
+        time.sleep(0.3)
+
+
+@pytest.mark.slow
+def test_second_serve_start_loads_programs_from_the_compilation_cache(tok_dir, tmp_path):
+    args = ["--model", "internlm2-tiny", "--tokenizer", tok_dir, "--compilation-cache", str(tmp_path / "cache"),
+            *SMALL_ENGINE]
+    logs = []
+    for i in range(2):
+        proc, _ = _start_serve(args, tmp_path / f"serve{i}.log")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        logs.append((tmp_path / f"serve{i}.log").read_text())
+    assert "warm-up: compiling program 1/" in logs[0] and "compilation cache: 0 hits" in logs[0]
+    assert "all loaded from the compilation cache" in logs[1], logs[1]
+    assert "started in" in logs[1]
+    assert any(f.is_file() for f in (tmp_path / "cache").rglob("*"))
 
 
 @pytest.mark.slow

@@ -130,3 +130,34 @@ def test_tiny_config_learns_below_unigram_entropy(tmp_path):
     print(f"unigram entropy {h:.3f} nats/token; loss first {res.history[0]['loss']:.3f} final {final:.3f}")
     assert 2.0 < h < 4.5
     assert final < 0.5 * h
+
+
+def test_ctrl_c_saves_the_last_step_and_the_rerun_resumes_there(tmp_path):
+    """KeyboardInterrupt inside the loop: the last completed step is checkpointed synchronously, one line says
+    where a rerun resumes, and the rerun continues from that step (not from the last periodic checkpoint)."""
+    hooks = _synthetic_hooks()
+
+    def on_step(rec):
+        if rec["step"] == 2:  # flushed after step 3's update returned: step 3 is the last completed one
+            raise KeyboardInterrupt
+
+    hooks.on_step = on_step
+    with pytest.raises(KeyboardInterrupt, match=r"after step 3: checkpoint saved .* resume from step 3"):
+        train(_cfg(tmp_path, "steps=6", "checkpoint_every=100"), hooks)
+    ckpts = sorted(int(d) for d in os.listdir(tmp_path / "run" / "checkpoints") if d.isdigit())
+    assert ckpts == [3]
+    res = train(_cfg(tmp_path, "steps=6", "checkpoint_every=100"), _synthetic_hooks())
+    assert res.start_step == 3 and [r["step"] for r in res.history] == [4, 5, 6]
+
+
+def test_cli_turns_ctrl_c_into_one_line_and_exit_130(monkeypatch, capsys):
+    from internlm_jax import cli
+    from internlm_jax.train import cli as train_cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt("interrupted after step 7: checkpoint saved in X; run the same command to resume")
+
+    monkeypatch.setattr(train_cli, "main", interrupted)
+    assert cli.main(["train", "--config", "x.yaml"]) == 130
+    err = capsys.readouterr().err
+    assert "resume" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     g.add_argument("--url", default=None, help="an OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1, "
                    "instead of loading --model here")
-    g.add_argument("--served-model", default=None, help="with --url: the model id (default: the server's first)")
+    g.add_argument("--served-model", "--served-model-name", dest="served_model", default=None,
+                   help="with --url: the model id (default: the server's first)")
     g.add_argument("--api-key", default=None, help="with --url: the API key")
     a = p.add_argument_group("agent")
     a.add_argument("--tools", default="python,calculator", help=f"comma-separated, from {', '.join(TOOL_NAMES)}"

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = _ckpt_to_hf(args)
     except ConfigError as e:  # CheckpointError included: a clear message, no stack trace
         print(f"internlm-jax convert: error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(f"{summary} in {time.perf_counter() - start:.1f}s")
     return 0
 

@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import bisect
 import collections
+import contextlib
+import contextvars
 import functools
 import threading
 import time
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -152,6 +155,22 @@ def _reset_slot(state: DeviceState, slot: jax.Array, tokens: jax.Array, prompt_l
                           prompt_mask=state.prompt_mask.at[slot].set(mask_row))
 
 
+WarmupProgress = Callable[[int, int, "tuple[int, int, int] | None", float], None]
+_WARMUP_PROGRESS: contextvars.ContextVar[WarmupProgress | None] = contextvars.ContextVar("warmup_progress",
+                                                                                          default=None)
+
+
+@contextlib.contextmanager
+def warmup_progress(callback: WarmupProgress) -> Iterator[None]:
+    """Report warm-up progress of the engines built inside this block (Engine(...) warms up in its
+    constructor, so the callback cannot be passed through it)."""
+    token = _WARMUP_PROGRESS.set(callback)
+    try:
+        yield
+    finally:
+        _WARMUP_PROGRESS.reset(token)
+
+
 def pick_bucket(buckets: tuple[int, ...], n: int, what: str) -> int:
     i = bisect.bisect_left(buckets, n)
     if i == len(buckets):
@@ -260,14 +279,25 @@ class ModelRunner:
                 self.compiles_after_warmup += 1
         return self._reset_exe
 
-    def warmup(self) -> None:
-        """Compile every bucket (without running them); later compiles count as misses."""
-        for key in self.bucket_keys():
-            if key not in self._executables:
-                self._compile(key)
+    def warmup(self, progress: WarmupProgress | None = None) -> None:
+        """Compile every bucket (without running them); later compiles count as misses. `progress` (or the
+        one installed by `warmup_progress`) is called before each program as progress(i, n, key, elapsed_s),
+        key = (B, T, W) or None for the slot-reset program, and once more with i == n when done."""
+        progress = progress or _WARMUP_PROGRESS.get()
+        keys = [k for k in self.bucket_keys() if k not in self._executables]
+        n = len(keys) + (self._reset_exe is None)
+        t0 = time.perf_counter()
+        for i, key in enumerate(keys):
+            if progress is not None:
+                progress(i, n, key, time.perf_counter() - t0)
+            self._compile(key)
+        if self._reset_exe is None and progress is not None:
+            progress(n - 1, n, None, time.perf_counter() - t0)
         self._reset_executable()
         for B in sorted(set(self.decode_batch) | set(self.prefill_batch)):
             self.all_allowed(B)
+        if progress is not None:
+            progress(n, n, None, time.perf_counter() - t0)
         self.warm = True
 
     # ---- execution ---------------------------------------------------------------------------------
@@ -363,4 +393,4 @@ def auto_buckets(limit: int, count: int, minimum: int = 1, factor: int = 4) -> t
 
 
 __all__ = ["DeviceState", "ModelRunner", "StepInputs", "auto_buckets", "pick_bucket", "BACKEND_COMPILES",
-           "MAX_TOP_LOGPROBS"]
+           "MAX_TOP_LOGPROBS", "warmup_progress"]

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -57,6 +58,13 @@ class ModelSpec:
         if not re.fullmatch(r"[A-Za-z0-9_.\-]+", self.name):
             raise ConfigError(f"model name {self.name!r} may only hold letters, digits, '_', '.', '-' (it names "
                               "folders and table columns)")
+        for field in ("path", "tokenizer"):
+            value = getattr(self, field)
+            if value and "${" in value:
+                var = value[value.index("${") + 2:].split("}", 1)[0]
+                raise ConfigError(f"model {self.name!r}: {field} is {value!r} but ${var} is not set. Set it to a "
+                                  f"checkpoint folder, e.g. `{var}=runs/demo/sft/hf internlm-jax eval ...` (the "
+                                  "demo's fine-tuned model), or override it: models.0.path=/path/to/checkpoint")
         if self.kind == "local" and (self.path is None) == (self.preset is None):
             raise ConfigError(f"model {self.name!r}: a local model needs exactly one of path (a checkpoint) or "
                               "preset (random weights)")
@@ -176,8 +184,13 @@ def _maybe_fault(computed: int) -> None:
 
 
 def run_eval(config: EvalConfig, *, models: Mapping[str, EvalModel] | None = None, base_dir: str | None = None,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True,
+             on_error: Callable[[str, str, Exception], None] | None = None) -> dict[str, Any]:
     """Evaluate every model on every task; write predictions, results and the summary into work_dir.
+
+    A task that fails for a model (ConfigError/ValueError/RuntimeError) does not stop the run: its message is
+    kept in results["tasks"][task]["errors"][model] (and passed to `on_error(model, task, exc)`), the summary
+    shows `error` there, and the other tasks are evaluated. A model that cannot be built fails the run.
 
     `models` may supply ready EvalModel objects by name (tests, notebooks); others are built from the spec.
     Returns the results dict also written to {work_dir}/results.json.
@@ -191,18 +204,35 @@ def run_eval(config: EvalConfig, *, models: Mapping[str, EvalModel] | None = Non
         results["tasks"][t.name] = {"version": t.version, "mode": t.mode, "format": t.config.format,
                                     "num_samples": len(t), "metrics": {}, "computed": {}}
     for spec in config.models:
-        holder: dict[str, EvalModel] = {}
+        holder: dict[str, Any] = {}
 
-        def get_model(spec: ModelSpec = spec, holder: dict[str, EvalModel] = holder) -> EvalModel:
+        def get_model(spec: ModelSpec = spec, holder: dict[str, Any] = holder) -> EvalModel:
             if "m" not in holder:
-                holder["m"] = models[spec.name] if models and spec.name in models else build_model(spec)
+                try:
+                    holder["m"] = models[spec.name] if models and spec.name in models else build_model(spec)
+                except BaseException:
+                    holder["build_failed"] = True
+                    raise
             return holder["m"]
 
         for t in tasks:
-            run = evaluate_task(t, get_model, config.work_dir, spec.name, save_every=config.save_every,
-                                progress=progress)
-            scores, details = score_task(t, run.records)
             entry = results["tasks"][t.name]
+            try:
+                run = evaluate_task(t, get_model, config.work_dir, spec.name, save_every=config.save_every,
+                                    progress=progress)
+                scores, details = score_task(t, run.records)
+            except (ConfigError, ValueError, RuntimeError) as e:
+                if holder.get("build_failed"):
+                    raise  # the model itself could not be built: every task would fail the same way
+                # One task's failure (a format this model's tokenizer cannot score, a bad data file) is
+                # reported and the other tasks still run.
+                entry.setdefault("errors", {})[spec.name] = f"{type(e).__name__}: {e}"
+                if on_error is not None:
+                    on_error(spec.name, t.name, e)
+                else:
+                    print(f"warning: task {t.name!r} failed for model {spec.name!r} ({e}); it shows as `error` in "
+                          "the summary and the other tasks go on", file=sys.stderr, flush=True)
+                continue
             entry["metrics"][spec.name] = scores
             entry["computed"][spec.name] = run.computed
             rdir = os.path.join(config.work_dir, "results", _safe(spec.name))

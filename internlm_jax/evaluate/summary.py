@@ -26,6 +26,14 @@ def summary_rows(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
                 v = entry["metrics"].get(m, {}).get(metric)
                 row.append("-" if v is None else f"{v:.2f}")
             rows.append(row)
+        if not metric_names and entry.get("errors"):  # every model failed this task: one row says so
+            rows.append([name, entry["version"], "-", entry["mode"]] +
+                        ["error" if m in entry["errors"] else "-" for m in models])
+        elif entry.get("errors"):
+            for row in rows[len(rows) - len(metric_names):]:
+                for j, m in enumerate(models):
+                    if m in entry["errors"]:
+                        row[4 + j] = "error"
     needle = {m: v for m, v in results.get("needle", {}).items() if v}
     if needle:
         version = next(iter(needle.values())).get("version", "-")
@@ -59,6 +67,13 @@ def _is_lower_better(metric: str) -> bool:
     return metric.endswith("perplexity") or metric == "bits_per_byte"
 
 
+def _number(cell: str) -> float:
+    try:
+        return float(cell)
+    except ValueError:  # "-" (no number) or "error"
+        return float("nan")
+
+
 def plot_bar_chart(header: Sequence[str], rows: Sequence[Sequence[str]], path: str) -> str:
     """Grouped bars: one group per (dataset, metric) row, one bar per model; missing values are left out.
     Scores (percent, higher is better) and perplexities (log scale, lower is better) get separate panels."""
@@ -79,12 +94,18 @@ def plot_bar_chart(header: Sequence[str], rows: Sequence[Sequence[str]], path: s
     for ax, (title, rs) in zip(axes[:, 0], panels):
         x = np.arange(len(rs))
         for j, m in enumerate(models):
-            vals = [float(r[4 + j]) if r[4 + j] != "-" else np.nan for r in rs]
-            ax.bar(x + (j - (n - 1) / 2) * width, vals, width, label=m)
+            vals = [_number(r[4 + j]) for r in rs]
+            bars = ax.bar(x + (j - (n - 1) / 2) * width, vals, width, label=m)
+            # Every value is written on its bar, so a score of 0 (no visible bar) still shows as "0.00".
+            ax.bar_label(bars, labels=["" if np.isnan(v) else r[4 + j] for v, r in zip(vals, rs)], fontsize=7,
+                         padding=2)
         ax.set_xticks(x, [f"{r[0]}\n{r[2]}" for r in rs], rotation=30, ha="right", fontsize=8)
         ax.set_title(title)
         if title.startswith("perplexity"):
             ax.set_yscale("log")
+        else:  # scores are percentages: a fixed axis keeps 0 and 100 readable (and an all-zero panel drawn)
+            ax.set_ylim(0, 110)
+            ax.set_ylabel("score")
         if models:
             ax.legend(fontsize=8)
     fig.tight_layout()
@@ -103,6 +124,6 @@ def write_summary(results: dict[str, Any], work_dir: str, bar_chart: bool = True
         f.write(to_csv(header, rows))
     with open(paths["text"], "w", encoding="utf-8") as f:
         f.write(to_text(header, rows))
-    if bar_chart and rows:
+    if bar_chart and any(_number(c) == _number(c) for r in rows for c in r[4:]):  # some number to draw
         paths["bar_chart"] = plot_bar_chart(header, rows, os.path.join(work_dir, "summary.png"))
     return paths

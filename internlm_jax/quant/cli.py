@@ -83,6 +83,25 @@ def read_token_rows(path: str, tokenizer: Any, seqlen: int, max_rows: int) -> np
     return np.asarray(ids[: rows * seqlen], np.int32).reshape(rows, seqlen)
 
 
+def _check_jsonl(flag: str, path: str) -> None:
+    """A readable jsonl file whose first line is an object with "text" or "input_ids" (cheap, before loading)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{flag} {path}: no such file (a jsonl file with \"text\" or \"input_ids\" lines)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = next((line for line in f if line.strip()), None)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{flag} {path} cannot be read: {e}") from None
+    if first is None:
+        raise ConfigError(f"{flag} {path} is empty")
+    try:
+        obj = json.loads(first)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{flag} {path}: the first line is not JSON ({e.msg})") from None
+    if not (isinstance(obj, dict) and (isinstance(obj.get("text"), str) or isinstance(obj.get("input_ids"), list))):
+        raise ConfigError(f"{flag} {path}: expected lines like {{\"text\": \"...\"}} or {{\"input_ids\": [...]}}")
+
+
 def _load_model(args: argparse.Namespace):
     import internlm_jax as ij
     from internlm_jax.quant.io import is_quantized_checkpoint
@@ -115,6 +134,16 @@ def _run(args: argparse.Namespace) -> int:
     out = os.path.abspath(args.out)
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not args.overwrite:
         raise ConfigError(f"{out} already exists; choose a new folder or pass --overwrite")
+    # Every input is checked before the model loads (loading a large checkpoint takes minutes).
+    for flag, path in (("--calib", args.calib), ("--eval", args.eval)):
+        if path is not None:
+            _check_jsonl(flag, path)
+    if not os.path.exists(args.model) and args.model not in PRESETS:
+        import difflib
+
+        near = difflib.get_close_matches(args.model, list(PRESETS), n=1)
+        raise ConfigError(f"--model {args.model!r} is neither a folder nor a preset name"
+                          + (f"; did you mean {near[0]!r}?" if near else ""))
     start = time.perf_counter()
     lm, random_weights = _load_model(args)
     if random_weights:

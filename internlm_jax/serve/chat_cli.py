@@ -50,25 +50,29 @@ class LocalBackend:
                             top_p=self.args.top_p, stop_token_ids=tuple(tok.stop_token_ids(tools=bool(self.tools))),
                             seed=self.args.seed)
         events: list[Any] = []
-        self.engine.add_request(ids, sp, on_event=events.append)
+        rid = self.engine.add_request(ids, sp, on_event=events.append)
         parser = chat_lib.StreamingParser()
         filt = self._filter_cls(list(tok.special_tokens) + list(chat_lib.CHAT_SPECIAL_TOKENS))
         finished = None
-        while finished is None:
-            if not events and self.engine.step() == 0:
-                raise RuntimeError("the engine stopped with the request unfinished")
-            batch, events[:] = list(events), []
-            for ev in batch:
-                out = parser.feed(ev.text)
-                text, calls = out.content, list(out.tool_calls)
-                if ev.finished:
-                    end = parser.finish()
-                    text, calls, finished = text + end.content, calls + end.tool_calls, ev.finish_reason
-                text = filt.feed(text) + (filt.flush() if ev.finished else "")
-                if text:
-                    yield ("content", text)
-                for c in calls:
-                    yield ("tool_call", c)
+        try:
+            while finished is None:
+                if not events and self.engine.step() == 0:
+                    raise RuntimeError("the engine stopped with the request unfinished")
+                batch, events[:] = list(events), []
+                for ev in batch:
+                    out = parser.feed(ev.text)
+                    text, calls = out.content, list(out.tool_calls)
+                    if ev.finished:
+                        end = parser.finish()
+                        text, calls, finished = text + end.content, calls + end.tool_calls, ev.finish_reason
+                    text = filt.feed(text) + (filt.flush() if ev.finished else "")
+                    if text:
+                        yield ("content", text)
+                    for c in calls:
+                        yield ("tool_call", c)
+        finally:
+            if finished is None:  # interrupted (Ctrl-C) or failed: free the request's slot and pages
+                self.engine.abort(rid)
         yield ("done", finished)
 
 
@@ -146,6 +150,17 @@ def _raise_for(r: Any) -> None:
         raise RuntimeError(f"server answered {r.status_code}: {msg}")
 
 
+_CONTROL = {i: f"\\x{i:02x}" for i in [*range(0x20), *range(0x7f, 0xa0)] if chr(i) not in "\n\t"}
+_CONTROL.update({ord("\r"): "\\r", 0x1b: "\\x1b"})
+
+
+def printable(text: str) -> str:
+    """Model text made safe for a terminal: control characters (ESC, CR, BEL, backspace, C1 codes ...) are shown
+    escaped (`\\x1b`, `\\r`), so a reply cannot move the cursor, rewrite lines or drive the terminal;
+    newlines and tabs stay."""
+    return text.translate(_CONTROL)
+
+
 def _read(stdin: TextIO, stdout: TextIO, prompt: str) -> str | None:
     stdout.write(prompt)
     stdout.flush()
@@ -170,16 +185,22 @@ def _format_call(call: dict) -> str:
         args = json.dumps(json.loads(args), ensure_ascii=False)
     except (TypeError, json.JSONDecodeError):
         pass
-    return f"[tool call] {call['function']['name']}({args})"
+    return printable(f"[tool call] {call['function']['name']}({args})")
 
 
 def run_chat(backend: Any, system: str | None, stdin: TextIO, stdout: TextIO) -> int:
+    """The conversation loop. Ctrl-C while a reply streams stops that reply (the turn is dropped); Ctrl-C at the
+    prompt leaves (exit code 130)."""
     history: list[dict] = []
-    stdout.write(HELP + "\n")
+    stdout.write(HELP + "  (Ctrl-C stops a reply)\n")
     pending_tool_turn = False
     while True:
         if not pending_tool_turn:
-            text = _read(stdin, stdout, "\nuser> ")
+            try:
+                text = _read(stdin, stdout, "\nuser> ")
+            except KeyboardInterrupt:
+                stdout.write("\n")
+                return 130
             if text is None:
                 stdout.write("\n")
                 return 0
@@ -213,7 +234,7 @@ def run_chat(backend: Any, system: str | None, stdin: TextIO, stdout: TextIO) ->
             for kind, value in backend.reply(messages):
                 if kind == "content":
                     content += value
-                    stdout.write(value)
+                    stdout.write(printable(value))
                     stdout.flush()
                 elif kind == "tool_call":
                     calls.append(value)
@@ -222,7 +243,11 @@ def run_chat(backend: Any, system: str | None, stdin: TextIO, stdout: TextIO) ->
                 else:
                     finish = value
         except (RuntimeError, ConfigError) as e:
-            stdout.write(f"\n[error] {e}\n")
+            stdout.write(f"\n[error] {printable(str(e))}\n")
+            history.pop()
+            continue
+        except KeyboardInterrupt:
+            stdout.write("\n[reply stopped; this turn was dropped]\n")
             history.pop()
             continue
         if finish == "length":
@@ -254,7 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("chat")
     g.add_argument("--url", default=None, help="talk to a running server instead of loading the model")
     g.add_argument("--api-key", default=None, help="with --url: the server's API key")
-    g.add_argument("--served-model-name", default=None, help="with --url: model id (default: the server's)")
+    g.add_argument("--served-model-name", "--served-model", dest="served_model_name", default=None,
+                   help="with --url: model id (default: the server's)")
     g.add_argument("--system", default=None, help="system prompt")
     g.add_argument("--tools", default=None, help="JSON file with an OpenAI tools list")
     g.add_argument("--max-tokens", type=int, default=512)
@@ -278,16 +304,32 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.model:
                 raise ConfigError("give --model (to load it here) or --url (to use a running server)")
+            import time
+
             from internlm_jax.serve.loading import build_engine, load_lm
 
+            t0 = time.perf_counter()
+            note = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 - progress, off stdout
+            note(f"loading {args.model} ...")
             lm, random_weights = load_lm(args)
+            if lm.tokenizer is None:  # before the warm-up: it is the expensive part
+                raise ConfigError(f"{args.model} has no tokenizer (tokenizer.model + tokenizer_config.json), and chat "
+                                  "needs one to turn your text into tokens: pass --tokenizer DIR (e.g. the folder "
+                                  "of the tokenizer the model was trained with)")
             if random_weights:
                 stdout.write(f"(note: {args.model} is a preset with RANDOM weights; replies are noise)\n")
             args.max_batch = min(args.max_batch, 4)  # one conversation: few slots, fewer compiled shapes
-            backend = LocalBackend(lm, build_engine(lm, args), args, tools)
+            from internlm_jax.serve.loading import WarmupReporter
+
+            engine = build_engine(lm, args, progress=WarmupReporter(emit=note))
+            note(f"ready in {time.perf_counter() - t0:.1f} s (step programs: {engine.warmup_origin})")
+            backend = LocalBackend(lm, engine, args, tools)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError, OSError) as e:
         print(f"internlm-jax chat: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninternlm-jax chat: interrupted while starting", file=sys.stderr)
+        return 130
     return run_chat(backend, args.system, stdin, stdout)
 
 

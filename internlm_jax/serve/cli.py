@@ -84,6 +84,9 @@ def gather_api_keys(cli_keys: list[str] | None, keys_file: str | None,
 
 
 def main(argv: list[str] | None = None) -> int:
+    import time
+
+    t_start = time.perf_counter()
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("internlm_jax.serve")
@@ -98,11 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.max_body_mb <= 0:
             raise ConfigError(f"--max-body-mb must be > 0, got {args.max_body_mb}")
         api_keys = gather_api_keys(args.api_keys, args.api_keys_file)
+        log.info("loading %s ...", args.model)
         lm, random_weights = load_lm(args)
         engine = build_engine(lm, args)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"internlm-jax serve: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninternlm-jax serve: interrupted while starting", file=sys.stderr)
+        return 130
     name = args.served_model_name or os.path.basename(os.path.normpath(args.model))
     cfg = ServeConfig(model_name=name, api_keys=api_keys, max_queue=args.max_queue,
                       max_body_bytes=int(args.max_body_mb * (1 << 20)), cors_origins=_split([args.cors_origins] if
@@ -119,8 +126,9 @@ def main(argv: list[str] | None = None) -> int:
                     "reach this port can use the model", args.host, API_KEYS_ENV)
     if cfg.allow_special_tokens_in_content:
         log.warning("--allow-special-tokens-in-content: clients can write control tokens (and forge turns)")
-    log.info("serving %r on http://%s:%d (web chat at /, OpenAI API at /v1)%s", name, args.host, args.port,
-             " [RANDOM WEIGHTS]" if random_weights else "")
+    log.info("serving %r on http://%s:%d (web chat at /, OpenAI API at /v1)%s; started in %.1f s (step programs: "
+             "%s)", name, args.host, args.port, " [RANDOM WEIGHTS]" if random_weights else "",
+             time.perf_counter() - t_start, getattr(engine, "warmup_origin", "not compiled ahead"))
     try:
         serve_forever(create_app(backend), args.host, args.port, args.log_level)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled once it has shut down

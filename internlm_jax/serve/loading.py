@@ -15,6 +15,72 @@ from internlm_jax.config import PRESETS, ConfigError
 
 log = logging.getLogger("internlm_jax.serve")
 
+CACHE_ENV = "INTERNLM_JAX_CACHE"
+DEFAULT_CACHE = "~/.cache/internlm-jax/jax"
+
+# Persistent-cache hits and misses in this process (jax.monitoring events), for the ready line.
+_CACHE_EVENTS = {"/jax/compilation_cache/cache_hits": "hits", "/jax/compilation_cache/cache_misses": "misses"}
+CACHE_COUNTS = {"hits": 0, "misses": 0}
+_listening = False
+
+
+def _on_event(event: str, *args: Any, **kwargs: Any) -> None:
+    if event in _CACHE_EVENTS:
+        CACHE_COUNTS[_CACHE_EVENTS[event]] += 1
+
+
+def compilation_cache_dir(args: argparse.Namespace, environ: Any = None) -> str | None:
+    """The persistent-cache folder for these options: --compilation-cache, else $INTERNLM_JAX_CACHE, else
+    ~/.cache/internlm-jax/jax; None with --no-compilation-cache (or the variable set to `off`)."""
+    if getattr(args, "no_compilation_cache", False):
+        return None
+    env = os.environ if environ is None else environ
+    chosen = getattr(args, "compilation_cache", None) or env.get(CACHE_ENV) or DEFAULT_CACHE
+    if chosen.strip().lower() in ("off", "none", "0", "false"):
+        return None
+    return os.path.abspath(os.path.expanduser(chosen))
+
+
+def enable_compilation_cache(path: str | None) -> str | None:
+    """Point JAX's persistent compilation cache at `path` (created) before anything compiles: JAX decides
+    once per process, at its first compile, whether the cache is used. Returns the path, or None when it is
+    disabled or cannot be created (a warning then; serving works without it)."""
+    global _listening
+    if path is None:
+        return None
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        log.warning("compilation cache %s cannot be created (%s); compiling without it", path, e)
+        return None
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    if not _listening:
+        jax.monitoring.register_event_listener(_on_event)
+        _listening = True
+    return path
+
+
+class WarmupReporter:
+    """Logs engine warm-up as it goes: which program of how many, and the time so far (at most one line every
+    few seconds, plus the first and the last)."""
+
+    def __init__(self, every_s: float = 5.0, emit: Any = None):
+        self.every_s, self.emit = every_s, emit or log.info
+        self._last = -1e9
+
+    def __call__(self, i: int, n: int, key: Any, elapsed: float) -> None:
+        if i >= n:
+            self.emit(f"warm-up: {n} programs ready in {elapsed:.1f} s")
+            return
+        if i == 0 or elapsed - self._last >= self.every_s:
+            what = f"step B={key[0]} T={key[1]} W={key[2]}" if key else "slot reset"
+            self.emit(f"warm-up: compiling program {i + 1}/{n} ({what}), {elapsed:.0f} s so far")
+            self._last = elapsed
+
 
 def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g = p.add_argument_group("model and engine")
@@ -40,6 +106,11 @@ def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     g.add_argument("--no-prefix-caching", action="store_true")
     g.add_argument("--seed", type=int, default=0, help="random-weight seed for presets; default sampling seed")
     g.add_argument("--no-warmup", action="store_true", help="compile on first use instead of at start-up")
+    g.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="JAX persistent compilation cache: a second start of the same model loads its compiled "
+                        f"programs from here instead of compiling (default: ${CACHE_ENV} or {DEFAULT_CACHE}; "
+                        f"{CACHE_ENV}=off disables it)")
+    g.add_argument("--no-compilation-cache", action="store_true", help="compile everything at every start")
     g.add_argument("--engine-buckets", default=None, help="advanced: 'decode=1,8,64;prefill=1,4;chunks=64,512;"
                    "widths=8,64' bucket sizes for the compiled step shapes")
 
@@ -63,6 +134,7 @@ def load_lm(args: argparse.Namespace) -> tuple[Any, bool]:
     """(LM, random_weights) for --model / --tokenizer / --dtype / --tp / --quant / --max-context."""
     import internlm_jax as ij
 
+    args.compilation_cache_path = enable_compilation_cache(compilation_cache_dir(args))
     path = os.fspath(args.model)
     random_weights = not os.path.exists(path) and path in PRESETS
     if random_weights:
@@ -96,7 +168,9 @@ def _buckets(spec: str | None) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def build_engine(lm: Any, args: argparse.Namespace) -> Any:
+def build_engine(lm: Any, args: argparse.Namespace, progress: Any = None) -> Any:
+    """The Engine for these options, warmed up with progress lines (`progress(i, n, key, elapsed)`, default:
+    WarmupReporter logging) and one ready line that says whether programs came from the persistent cache."""
     from internlm_jax.api import context_limit
     from internlm_jax.engine import Engine, EngineConfig
 
@@ -116,12 +190,31 @@ def build_engine(lm: Any, args: argparse.Namespace) -> Any:
                       chunk_size=chunk, enable_prefix_caching=not args.no_prefix_caching,
                       warmup=not args.no_warmup, seed=args.seed, eos_token_ids=(lm.config.eos_token_id,),
                       **buckets, **extra)
-    engine = Engine(lm.params, lm.config, ec, tokenizer=lm.tokenizer, mesh=lm.mesh)
+    from internlm_jax.engine.runner import warmup_progress
+
+    cache = getattr(args, "compilation_cache_path", None)
+    if cache and not args.no_warmup:
+        log.info("warm-up: compiling the engine's step programs (persistent cache %s)", cache)
+    elif not args.no_warmup:
+        log.info("warm-up: compiling the engine's step programs (no persistent cache)")
+    before = dict(CACHE_COUNTS)
+    with warmup_progress(progress or WarmupReporter()):
+        engine = Engine(lm.params, lm.config, ec, tokenizer=lm.tokenizer, mesh=lm.mesh)
+    hits = CACHE_COUNTS["hits"] - before["hits"]
+    misses = CACHE_COUNTS["misses"] - before["misses"]
     st = engine.stats()
+    if not cache:
+        origin = "compiled (persistent cache off)"
+    elif hits and not misses:
+        origin = f"all loaded from the compilation cache, {hits} hits"
+    else:  # hits/misses count every XLA program the engine built (the step buckets and a few small ones)
+        origin = f"compilation cache: {hits} hits, {misses} compiled and stored"
+    engine.warmup_origin = origin
     log.info("engine ready: %d KV pages x %d tokens, max context %d, %d decode slots, warm-up %.1f s "
-             "(%d programs)", st["pages_total"], st["page_size"], engine.max_model_len, args.max_batch,
-             st["warmup_seconds"], st["warmup_compilations"])
+             "(%d programs: %s)", st["pages_total"], st["page_size"], engine.max_model_len, args.max_batch,
+             st["warmup_seconds"], st["warmup_compilations"], origin)
     return engine
 
 
-__all__ = ["add_model_args", "build_engine", "load_lm"]
+__all__ = ["CACHE_ENV", "WarmupReporter", "add_model_args", "build_engine", "compilation_cache_dir",
+           "enable_compilation_cache", "load_lm"]

@@ -440,34 +440,68 @@ def _loop(cfg: TrainConfig, model: ModelConfig, fns: Any, state: State, source: 
                 bar.update(step - bar.n)
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", tok_s=f"{rec['tokens_per_s']:.0f}")
 
-    for step in range(start + 1, cfg.steps + 1):
-        t0 = time.perf_counter()
-        raw = next(source)
-        data_state = source.get_state()  # the state *after* this batch: what a resume continues from
-        data_time = time.perf_counter() - t0
-        seq_len = raw["tokens"].shape[1]
-        state, metrics = fns.train(state, put_batch(raw, fns.batch_sharding))
+    # (step, state, data state) of the last step whose update returned: what an interrupt saves.
+    done: tuple[int, State, Any] = (start, state, None)
+    saved = start
+    try:
+        for step in range(start + 1, cfg.steps + 1):
+            t0 = time.perf_counter()
+            raw = next(source)
+            data_state = source.get_state()  # the state *after* this batch: what a resume continues from
+            data_time = time.perf_counter() - t0
+            seq_len = raw["tokens"].shape[1]
+            state, metrics = fns.train(state, put_batch(raw, fns.batch_sharding))
+            done = (step, state, data_state)
+            if pending is not None:
+                flush(pending)  # step-1 finished while step was queued behind it
+            pending = (step, metrics, data_time)
+
+            if cfg.eval_every and step % cfg.eval_every == 0 and eval_source_fn is not None:
+                flush(pending)
+                pending = None
+                ev = evaluate(fns, state["params"], eval_source_fn(cfg, model, pid, nproc), cfg.eval_batches)
+                history[-1]["eval_loss"] = ev
+                if pid == 0:
+                    writer.write({"step": step, "eval_loss": ev})
+                t_prev = time.perf_counter()  # eval time is not step time
+
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+                ckpt.save(step, state, data_state={"per_process": _gather_json(data_state)},
+                          run_config=run_config, model=model)
+                saved = step
+                _fault("kill_during_save", step, ckpt)
+            _fault("kill_after_step", step, ckpt)
         if pending is not None:
-            flush(pending)  # step-1 finished while step was queued behind it
-        pending = (step, metrics, data_time)
-
-        if cfg.eval_every and step % cfg.eval_every == 0 and eval_source_fn is not None:
             flush(pending)
-            pending = None
-            ev = evaluate(fns, state["params"], eval_source_fn(cfg, model, pid, nproc), cfg.eval_batches)
-            history[-1]["eval_loss"] = ev
-            if pid == 0:
-                writer.write({"step": step, "eval_loss": ev})
-            t_prev = time.perf_counter()  # eval time is not step time
-
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-            ckpt.save(step, state, data_state={"per_process": _gather_json(data_state)}, run_config=run_config,
-                      model=model)
-            _fault("kill_during_save", step, ckpt)
-        _fault("kill_after_step", step, ckpt)
-    if pending is not None:
-        flush(pending)
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        raise KeyboardInterrupt(_save_on_interrupt(ckpt, done, saved, run_config, model, cfg.output_dir)) from None
     return state, history
+
+
+def _save_on_interrupt(ckpt: Checkpointer, done: tuple[int, State, Any], saved: int, run_config: dict[str, Any],
+                       model: ModelConfig, output_dir: str) -> str:
+    """Ctrl-C in the loop: save the last completed step (synchronously) unless it is already saved; return the
+    one line that says where a rerun resumes."""
+    step, state, data_state = done
+    where = os.path.join(output_dir, "checkpoints")
+    if step > saved and jax.process_count() == 1 and data_state is not None and \
+            not any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(state)):
+        try:
+            ckpt.save(step, state, data_state={"per_process": [data_state]}, run_config=run_config, model=model)
+            ckpt.wait()
+            return (f"interrupted after step {step}: checkpoint saved in {where}; run the same command to "
+                    f"resume from step {step}")
+        except KeyboardInterrupt:  # a second Ctrl-C: leave now (a half-written step is never used)
+            pass
+    else:
+        ckpt.wait()
+    last = ckpt.latest_step()
+    if last:
+        return (f"interrupted after step {step}: no new checkpoint written; run the same command to resume from "
+                f"step {last} ({where})")
+    return f"interrupted after step {step}: no checkpoint yet; the same command starts again from step 0"
 
 
 def evaluate(fns: Any, params: Any, source: BatchSource, batches: int) -> float:

@@ -11,12 +11,15 @@ compiled executable's memory analysis says whether it fits in HBM. Prints one JS
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import re
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 # HBM per chip (bytes) by device_kind; from the TPU system architecture pages.
@@ -122,6 +125,28 @@ def compile_step(cfg: Any, devices: list[Any]) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def _heartbeat(what: str, every_s: float = 15.0) -> Iterator[None]:
+    """Progress on stderr (stdout carries the JSON lines): `what` now, then the elapsed time every `every_s`
+    seconds until the block ends, then its duration."""
+    t0 = time.perf_counter()
+    done = threading.Event()
+    print(f"plan: {what} ...", file=sys.stderr, flush=True)
+
+    def tick() -> None:
+        while not done.wait(every_s):
+            print(f"plan:   still compiling ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        print(f"plan:   done in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="internlm-jax plan", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -139,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     from internlm_jax.train.config import TrainConfig
 
     try:
+        print(f"plan: building the {args.topology} topology (libtpu) ...", file=sys.stderr, flush=True)
         topo = get_topology(args.topology, args.num_slices)
         overrides = list(args.overrides)
         if args.num_slices > 1:
@@ -161,9 +187,12 @@ def main(argv: list[str] | None = None) -> int:
                         cfg, grad_accum=accum,
                         model=dataclasses.replace(cfg.model, overrides={**cfg.model.overrides, "remat": remat})))
         records = []
-        for v in variants:
+        for i, v in enumerate(variants, 1):
+            what = (f"compiling the train step {i}/{len(variants)} for {len(devices)} {devices[0].device_kind} "
+                    f"chips (remat={v.model.overrides.get('remat', 'default')}, grad_accum={v.grad_accum})")
             try:
-                rec = compile_step(v, devices)
+                with _heartbeat(what):
+                    rec = compile_step(v, devices)
             except Exception as e:  # one variant failing (e.g. compiler OOM) must not end the search
                 rec = {"remat": v.model.overrides.get("remat"), "grad_accum": v.grad_accum, "fits": False,
                        "error": str(e).splitlines()[0][:300]}

@@ -27,6 +27,22 @@ REMOTE_DIR = "internlm-jax"
 LOG = "~/internlm-jax-train.log"
 
 
+def check_accelerator(accelerator: str) -> str | None:
+    """None if `accelerator` is a known family and a core/chip count (v5p-128), else a message (with a
+    did-you-mean for a near miss)."""
+    import difflib
+    import re
+
+    family, _, n = accelerator.partition("-")
+    if family in RUNTIME and re.fullmatch(r"[1-9][0-9]*", n):
+        return None
+    m = re.match(r"(v[0-9a-z]+)-([0-9]+)", accelerator)
+    near = (difflib.get_close_matches(family, RUNTIME, n=1) or [""])[0]
+    guess = f"{m.group(1) if m and m.group(1) in RUNTIME else near}-{m.group(2) if m else 8}" if (m or near) else ""
+    return (f"unknown accelerator type {accelerator!r}; expected FAMILY-COUNT with FAMILY in {', '.join(RUNTIME)} "
+            "(e.g. v5p-128, v5litepod-256, v4-64)" + (f"; did you mean {guess!r}?" if guess else ""))
+
+
 def runtime_for(accelerator: str) -> str:
     family = accelerator.split("-")[0]
     if family not in RUNTIME:
@@ -134,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = argv[: argv.index("--")] if "--" in argv else argv
     args = p.parse_args(argv)
     args.overrides = overrides
+    problem = check_accelerator(args.accelerator)
+    if problem:
+        p.error(f"--accelerator: {problem}")  # usage error: exit code 2, no traceback
     run = Runner(args.dry_run)
     if args.dry_run:
         print(f"# {args.action} {args.name}: {args.accelerator} ({workers(args.accelerator)} workers) in {args.zone}")

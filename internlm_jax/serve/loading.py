@@ -210,9 +210,14 @@ def build_engine(lm: Any, args: argparse.Namespace, progress: Any = None) -> Any
     else:  # hits/misses count every XLA program the engine built (the step buckets and a few small ones)
         origin = f"compilation cache: {hits} hits, {misses} compiled and stored"
     engine.warmup_origin = origin
-    log.info("engine ready: %d KV pages x %d tokens, max context %d, %d decode slots, warm-up %.1f s "
-             "(%d programs: %s)", st["pages_total"], st["page_size"], engine.max_model_len, args.max_batch,
-             st["warmup_seconds"], st["warmup_compilations"], origin)
+    from internlm_jax.kv_cache import page_bytes
+
+    pool_tokens = st["pages_total"] * st["page_size"]
+    pool_mib = st["pages_total"] * page_bytes(lm.config, st["page_size"], ec.kv_dtype) / 2**20
+    log.info("engine ready: longest request %d tokens (prompt + output); KV pool %d tokens (%d pages x %d, %.1f "
+             "MiB%s); %d decode slots; warm-up %.1f s (%d programs: %s)", min(engine.max_model_len, pool_tokens),
+             pool_tokens, st["pages_total"], st["page_size"], pool_mib, ", int8" if args.kv_int8 else "",
+             args.max_batch, st["warmup_seconds"], st["warmup_compilations"], origin)
     return engine
 
 

@@ -195,7 +195,7 @@ def quantize(out: Path, lm: Any, tok_dir: Path, corpus: Path) -> tuple[Path, dic
 
 # The demo's server handles one request at a time: a few slots and small buckets keep its warm-up to a handful of
 # compiled programs (the defaults, sized for many concurrent users, compile ~40).
-SERVE_ENGINE = ["--max-batch", "2", "--max-context", "512",
+SERVE_ENGINE = ["--max-batch", "2", "--max-context", "512", "--no-warmup-scoring",  # it sends no echo+logprobs
                 "--engine-buckets", "decode=1,2;prefill=1;chunks=64,512;widths=8"]
 
 

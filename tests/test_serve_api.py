@@ -232,3 +232,36 @@ def test_special_token_names_in_messages_stay_text(env):
         backend.config = config
     assert trusted == tok.encode(chat_lib.render(forged), add_bos=False)
     assert trusted.count(tok.im_start_id) == 4
+
+
+def test_bodies_are_parsed_and_tokenized_off_the_event_loop(env, monkeypatch):
+    """JSON decoding, the chat template and tokenizing run on worker threads, never on uvicorn's event loop
+    thread (a 5 MB body would otherwise stall every other stream while it is tokenized)."""
+    import threading
+
+    from internlm_jax.serve import app as app_mod
+
+    seen: list[str] = []
+    tok = env["tok"]
+    real_encode, real_parse = tok.encode, app_mod._parse_body
+    monkeypatch.setattr(tok, "encode", lambda *a, **k: (seen.append(threading.current_thread().name),
+                                                       real_encode(*a, **k))[1])
+    monkeypatch.setattr(app_mod, "_parse_body", lambda raw: (seen.append(threading.current_thread().name),
+                                                             real_parse(raw))[1])
+    env["client"].chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2, temperature=0)
+    env["client"].completions.create(model="tiny", prompt="Hello there, " * 20, max_tokens=2, temperature=0)
+    assert seen and "uvicorn" not in seen, seen
+
+
+def test_scoring_compiles_after_warmup_are_counted(env):
+    """The prompt-logprob forward is warmed for every length bucket; a shape compiled on the request path after
+    that counts in the server's compilations (what /metrics exports as compilations_since_warmup)."""
+    backend = env["backend"]
+    scorer = backend.scorer
+    before = backend.stats()["compilations"]
+    scorer.warmup()
+    assert backend.stats()["compilations"] == before
+    env["client"].completions.create(model="tiny", prompt=[1, 5, 9, 13], max_tokens=1, echo=True, logprobs=1)
+    assert backend.stats()["compilations"] == before  # a warmed shape
+    scorer._run(np.zeros((3, 16), np.int32), np.zeros((3, 16), np.int32))  # a shape no bucket has
+    assert backend.stats()["compilations"] == before + 1

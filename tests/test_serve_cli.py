@@ -316,3 +316,32 @@ def test_bench_serve(tok_dir, tmp_path, capsys):
     assert report["http_over_engine"] > 0
     assert "HTTP / engine output tok/s" in text and "TTFT" in text and "p99" in text
     assert report["server_stats"]["compilations"] == 0
+
+
+@pytest.mark.slow
+def test_sigterm_drains_then_ends_open_streams_with_an_error_event(tok_dir, tmp_path):
+    """SIGTERM: the open stream keeps going for --drain-timeout seconds, then ends with an error event (code
+    shutting_down) as its last event; then the server exits."""
+    args = ["--model", "internlm2-tiny", "--tokenizer", tok_dir, "--no-compilation-cache", "--no-warmup-scoring",
+            "--drain-timeout", "1", "--max-batch", "2", "--max-context", "4096",
+            "--engine-buckets", "decode=2;prefill=1;chunks=64;widths=64"]
+    proc, url = _start_serve(args, tmp_path / "serve.log")
+    try:
+        body = {"model": "internlm2-tiny", "prompt": [1, 5, 9], "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
+                "stream": True}
+        events = []
+        with httpx.stream("POST", url + "/v1/completions", json=body, timeout=120) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: "):
+                    continue
+                events.append(line[6:])
+                if len(events) == 3:
+                    proc.send_signal(signal.SIGTERM)
+        err = json.loads(events[-1])
+        assert err["error"]["code"] == "shutting_down", events[-3:]
+        assert 3 < len(events) < 4000  # it kept streaming while draining, and was cut before the end
+        assert proc.wait(60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    finally:
+        if proc.poll() is None:
+            proc.kill()

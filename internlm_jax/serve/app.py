@@ -79,6 +79,12 @@ async def _read_json(request: Request, limit: int) -> Any:
     raw = b"".join(chunks)
     if not raw.strip():
         raise bad_request("the request body is empty; send a JSON object, e.g. {\"model\": ..., \"messages\": [...]}")
+    # Decoding and checking a body of megabytes takes milliseconds to seconds: off the event loop, so other
+    # streams keep flowing.
+    return await asyncio.to_thread(_parse_body, raw)
+
+
+def _parse_body(raw: bytes) -> Any:
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -192,6 +192,7 @@ class Generation:
         if not self._closed:
             self._closed = True
             b = self.backend
+            b._open.discard(self)
             b.active -= len(self.prompts) * self.sampling.n
             b.metrics.prompt_tokens.inc(self.prompt_tokens)
             b.metrics.generation_tokens.inc(self.completion_tokens)
@@ -227,6 +228,9 @@ class Backend:
         self._admitter = _Admitter(engine)
         self.metrics = ServerMetrics(self.stats)
         self.started = time.time()
+        self.draining = False  # SIGTERM: no new requests; open streams get until the drain deadline
+        self.drain_expired = False
+        self._open: set[Generation] = set()
 
     # ---- engine pieces ------------------------------------------------------------------------------
     @property
@@ -243,6 +247,8 @@ class Backend:
         st = dict(self.engine.stats())
         st["server_active"] = self.active
         st["scoring_compiles"] = self._scorer.compiles if self._scorer is not None else 0
+        if self._scorer is not None and self._scorer.warm:  # a prompt-logprob shape compiled on the request path
+            st["compilations"] += self._scorer.compiles_after_warmup
         return st
 
     def healthy(self) -> tuple[bool, str]:
@@ -266,8 +272,31 @@ class Backend:
                                 f"{self.config.max_queue}); lower n or send fewer prompts per request",
                            param="n", code="request_exceeds_server_limit")
 
+    def begin_drain(self, timeout: float) -> None:
+        """Graceful shutdown (SIGTERM), on the event loop: refuse new requests with 503 now; after `timeout`
+        seconds abort what is still generating, so each open stream ends with an error event."""
+        if self.draining:
+            return
+        self.draining = True
+        asyncio.get_running_loop().call_later(timeout, self._expire_drain)
+
+    def abort_error(self) -> APIError:
+        """The error a sample that the engine aborted reports (a stream's last event)."""
+        if self.drain_expired:
+            return APIError(503, "the server shut down before this reply finished (it was draining after SIGTERM); "
+                                 "retry the request", code="shutting_down")
+        return APIError(503, "generation was aborted by the engine (see the server log)", code="aborted")
+
+    def _expire_drain(self) -> None:
+        self.drain_expired = True
+        for gen in list(self._open):
+            gen.close()  # abort: the samples' final events end their streams (with the shutdown error)
+
     async def open(self, prompts: Sequence[Sequence[int]], sampling: SamplingParams) -> Generation:
         """Queue every prompt (n samples each) or raise APIError (429 when full, 400 for a bad prompt)."""
+        if self.draining:
+            raise APIError(503, "the server is shutting down and takes no new requests; retry on another "
+                                "replica or after it restarts", code="shutting_down")
         ok, why = self.healthy()
         if not ok:
             raise APIError(503, why + "; restart the server", code="engine_failed")
@@ -281,6 +310,7 @@ class Backend:
                            code="queue_full", headers={"Retry-After": "1"})
         gen = Generation(self, [list(p) for p in prompts], sampling, time.perf_counter())
         self.active += want
+        self._open.add(gen)
         try:
             await asyncio.shield(self._admitter.submit(gen))
         except ConfigError as e:

@@ -44,8 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-queue", type=int, default=256,
                    help="sequences that may wait beyond --max-batch; more get 429")
     g.add_argument("--max-body-mb", type=float, default=8.0, help="largest accepted request body")
-    g.add_argument("--warmup-scoring", action="store_true",
-                   help="also compile the prompt-logprob forward (echo/logprobs) for every length bucket")
+    g.add_argument("--no-warmup-scoring", action="store_true",
+                   help="do not compile the prompt-logprob forward (echo + logprobs, what lm-eval uses) for every "
+                        "length bucket at start-up; such requests then compile on first use (seconds)")
+    g.add_argument("--drain-timeout", type=float, default=30.0,
+                   help="on SIGTERM: stop admitting (503) and give open requests this many seconds to finish, then "
+                        "end each open stream with an error event")
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
 
@@ -118,9 +122,11 @@ def main(argv: list[str] | None = None) -> int:
                       allow_special_tokens_in_content=args.allow_special_tokens_in_content,
                       open_metrics=args.open_metrics)
     backend = Backend(engine, lm.tokenizer, cfg)
-    if args.warmup_scoring:
+    if not args.no_warmup_scoring and not args.no_warmup:
+        t0 = time.perf_counter()
         backend.scorer.warmup()
-        log.info("prompt-logprob forward compiled for %d shapes", backend.scorer.compiles)
+        log.info("warm-up: prompt-logprob forward (echo + logprobs) ready for %d shapes in %.1f s",
+                 backend.scorer.compiles, time.perf_counter() - t0)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not cfg.api_keys:
         log.warning("listening on %s without API keys (--api-keys, --api-keys-file or $%s): anyone who can "
                     "reach this port can use the model", args.host, API_KEYS_ENV)
@@ -130,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
              "%s)", name, args.host, args.port, " [RANDOM WEIGHTS]" if random_weights else "",
              time.perf_counter() - t_start, getattr(engine, "warmup_origin", "not compiled ahead"))
     try:
-        serve_forever(create_app(backend), args.host, args.port, args.log_level)
+        serve_forever(create_app(backend), args.host, args.port, args.log_level, backend=backend,
+                      drain_timeout=args.drain_timeout)
     except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled once it has shut down
         pass
     finally:

@@ -24,6 +24,7 @@ keywords a 400 (otherwise they are ignored). A schema that cannot be compiled is
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -53,6 +54,7 @@ class ChatPlan:
     """Everything decided before generation: prompt ids, forced prefix, sampling, output options."""
 
     def __init__(self, backend: Backend, req: ChatCompletionRequest):
+        self.backend = backend
         tok = backend.tokenizer
         if tok is None:
             raise bad_request("this server was started without a tokenizer, so it cannot render chat messages; "
@@ -142,6 +144,7 @@ class _Choice:
 
     def __init__(self, index: int, plan: ChatPlan, surfaces: TokenSurfaces):
         self.index = index
+        self.backend = plan.backend
         # Tool calls are parsed only when tools are on (as LMDeploy does); otherwise text is text.
         self.parser = chat_lib.StreamingParser() if plan.tools else None
         self.filter = TextFilter(plan.special)
@@ -194,7 +197,7 @@ class _Choice:
 
     def final_reason(self) -> str:
         if self.finish_reason == "abort":
-            raise APIError(503, "generation was aborted by the engine (see the server log)", code="aborted")
+            raise self.backend.abort_error()
         if self.tool_calls and self.finish_reason == "stop":
             return "tool_calls"
         return self.finish_reason or "stop"
@@ -222,7 +225,7 @@ async def _run_once(backend: Backend, plan: ChatPlan, request: Request) -> tuple
 
 
 async def chat_completion(backend: Backend, req: ChatCompletionRequest, request: Request):
-    plan = ChatPlan(backend, req)
+    plan = await asyncio.to_thread(ChatPlan, backend, req)  # template + tokenizer: off the event loop
     rid = backend.new_id("chatcmpl")
     created = now()
     if req.stream:

@@ -75,6 +75,7 @@ class _Choice:
     def __init__(self, index: int, prompt: list[int], echo_text: str, backend: Backend, req: CompletionRequest,
                  special: list[str], surfaces: TokenSurfaces):
         self.index = index
+        self.backend = backend
         self.text_parts: list[str] = [echo_text] if req.echo else []
         self.filter = TextFilter(special if req.skip_special_tokens else [])
         self.token_ids: list[int] = []
@@ -122,7 +123,7 @@ class _Choice:
 
     def reason(self) -> str:
         if self.finish_reason == "abort":
-            raise APIError(503, "generation was aborted by the engine (see the server log)", code="aborted")
+            raise self.backend.abort_error()
         return self.finish_reason or "length"
 
 
@@ -176,7 +177,7 @@ class CompletionPlan:
 
 
 async def completion(backend: Backend, req: CompletionRequest, request: Request):
-    plan = CompletionPlan(backend, req)
+    plan = await asyncio.to_thread(CompletionPlan, backend, req)  # tokenizing: off the event loop
     rid = backend.new_id("cmpl")
     created = now()
     prompt_lp = None

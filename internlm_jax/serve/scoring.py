@@ -86,6 +86,8 @@ class PromptScorer:
         self._lock = threading.Lock()
         self._shapes: set[tuple[int, int]] = set()
         self.compiles = 0
+        self.compiles_after_warmup = 0  # shapes compiled on the request path (0 once warmed up)
+        self.warm = False
         self.forwards = 0
 
     def shapes(self) -> list[tuple[int, int]]:
@@ -102,12 +104,14 @@ class PromptScorer:
         """Compile every (rows, length) bucket now, so no prompt-logprob request compiles."""
         for rows, t in self.shapes():
             self._run(np.zeros((rows, t), np.int32), np.zeros((rows, t), np.int32))
+        self.warm = True
 
     def _run(self, tokens: np.ndarray, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         shape = tokens.shape
         if shape not in self._shapes:
             self._shapes.add(shape)
             self.compiles += 1
+            self.compiles_after_warmup += self.warm
         with use_mesh(self.mesh):
             out = prompt_logprobs(self.params, tokens, positions, config=self.config, k=TOP_K)
         self.forwards += 1

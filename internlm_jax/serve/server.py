@@ -62,9 +62,32 @@ class ServerThread:
         self.stop()
 
 
-def serve_forever(app: Any, host: str, port: int, log_level: str = "info") -> None:
-    """Blocking; Ctrl-C stops it."""
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)).run()
+class _DrainingServer(uvicorn.Server):
+    """On SIGTERM/SIGINT: the backend stops admitting (503) and gives open streams `drain` seconds to finish,
+    then aborts them with a final error event; uvicorn waits a little longer than that for them to close."""
+
+    def __init__(self, config: uvicorn.Config, backend: Any, drain: float):
+        super().__init__(config)
+        self.backend, self.drain = backend, drain
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self.backend is not None and not self.backend.draining:
+            try:
+                import asyncio
+
+                asyncio.get_running_loop()  # the signal arrives on the event loop's thread
+                self.backend.begin_drain(self.drain)
+            except RuntimeError:
+                pass
+        super().handle_exit(sig, frame)
+
+
+def serve_forever(app: Any, host: str, port: int, log_level: str = "info", *, backend: Any = None,
+                  drain_timeout: float = 30.0) -> None:
+    """Blocking; SIGTERM or Ctrl-C drain it (see _DrainingServer), a second one stops it at once."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=drain_timeout + 3)
+    _DrainingServer(config, backend, drain_timeout).run()
 
 
 __all__ = ["ServerThread", "serve_forever"]

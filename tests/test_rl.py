@@ -133,7 +133,7 @@ def test_grpo_from_sft_raises_held_out_exact_match(tmp_path):
     finetune(sft, devices=DEV)
     cfg = load_config(RLConfig, TINY, [
         f"init_from={tmp_path / 'sft' / 'hf'}", f"output_dir={tmp_path / 'rl'}", "steps=12", "eval_items=32",
-        "engine.warmup=false", "benchmark=false", "progress=true", "optimizer.lr=2e-5"])
+        "engine.warmup=false", "benchmark=false", "progress=true"])
     res = train_rl(cfg, devices=DEV)
     print(f"held-out unit conversion exact match: before {res.eval_before:.3f}, after {res.eval_after:.3f}; "
           f"reward {res.summary['reward_first']:.3f} -> {res.summary['reward_last']:.3f}, "

@@ -17,6 +17,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "chat": ("internlm_jax.serve.chat_cli:main", "interactive terminal chat"),
     "agent": ("internlm_jax.agent.cli:main", "interactive tool-using agent"),
     "tools": ("internlm_jax.agent.cli:tools_main", "serve tools over HTTP or MCP (`tools serve --mcp`)"),
+    "reward": ("internlm_jax.train.reward:main", "reward model: `reward train` (Bradley-Terry), `reward score`"),
+    "rl": ("internlm_jax.train.rl_cli:main", "online RL (GRPO / PPO): engine rollouts + train-step updates"),
     "plan": ("internlm_jax.train.plan:main", "AOT-compile a train step for a TPU topology"),
     "data": ("internlm_jax.data.prepare.cli:main", "prepare a corpus on Apache Beam: filter, dedup, tokenize, shard"),
     "bench": ("internlm_jax.bench:main", "benchmarks: train, engine, kernels, serve, long"),

@@ -43,7 +43,14 @@ from internlm_jax.train.config import OptimizerConfig
 from internlm_jax.train.flops import matmul_params, measure_matmul_flops, train_flops_per_token
 from internlm_jax.train.losses import output_ce_sums
 from internlm_jax.train.optimizer import build_optimizer, trainable_mask
-from internlm_jax.train.step import abstract_state, default_loss_fn, init_state, lm_loss, make_step_fns, put_batch
+from internlm_jax.train.step import (
+    abstract_state,
+    default_loss_fn,
+    init_state,
+    lm_loss,
+    make_step_fns,
+    put_batch,
+)
 from internlm_jax.train.synthetic import SyntheticBatches
 
 SHAPES = {  # name -> (preset, rows per step, row length, timed steps per round)
@@ -143,7 +150,7 @@ class ShapePeak:
 
     def measure(self, reps: int = 1) -> float:
         for case in self.cases:
-            fn, args, _, count, _ = case
+            fn, args = case[0], case[1]
             for _ in range(reps):
                 t = time.perf_counter()
                 jax.block_until_ready(fn(*args))
@@ -170,7 +177,7 @@ def jax_step(cfg: ModelConfig, rows: int, seq: int, *, fused: bool = True) -> tu
     """A warmed-up `one step` closure (AdamW, fp32, one device) and its compile seconds."""
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
     tx, schedule = build_optimizer(OptimizerConfig(lr=1e-4, warmup_steps=0), 1000)
-    init = lambda k: init_params(cfg, k)  # noqa: E731
+    init = lambda k: init_params(cfg, k)
     abstract, mask = abstract_state(cfg, tx, lambda p: trainable_mask(p, None), init)
     fns = make_step_fns(cfg, tx, schedule, mesh, abstract, param_axes(cfg), mask,
                         loss_fn=default_loss_fn(fused=fused))
@@ -270,7 +277,7 @@ def breakdown(cfg: ModelConfig, rows: int, seq: int, steps: int, full_step: Call
 
 
 def print_table(rows: list[Row], peaks: dict[str, float], square: tuple[float, str]) -> None:
-    print(f"\nfp32 matmul peak at each model's weight-matmul shapes (best seen in this run): "
+    print("\nfp32 matmul peak at each model's weight-matmul shapes (best seen in this run): "
           + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items())
           + f"; square {square[0] / 1e9:.1f} GFLOP/s ({square[1]}); {jax.devices()[0].device_kind}, "
           f"{os.cpu_count()} cpus")

@@ -13,10 +13,24 @@ import pytest
 from internlm_jax.config import get_preset
 from internlm_jax.model import init_params, param_axes
 from internlm_jax.sharding import MeshConfig, make_mesh
-from internlm_jax.train.losses import (generic_token_ce, head_ce_sums, head_token_ce, head_weight, output_ce_sums,
-                                       reference_ce_sums, reference_token_ce)
+from internlm_jax.train.losses import (
+    generic_token_ce,
+    head_ce_sums,
+    head_token_ce,
+    head_weight,
+    output_ce_sums,
+    reference_ce_sums,
+    reference_token_ce,
+)
 from internlm_jax.train.optimizer import trainable_mask
-from internlm_jax.train.step import abstract_state, default_loss_fn, init_state, lm_loss, make_step_fns, put_batch
+from internlm_jax.train.step import (
+    abstract_state,
+    default_loss_fn,
+    init_state,
+    lm_loss,
+    make_step_fns,
+    put_batch,
+)
 from internlm_jax.train.synthetic import SyntheticBatches
 
 B, T, D, V = 2, 13, 16, 37

@@ -15,6 +15,8 @@ _EXPORTS = {
     "build_optimizer": "internlm_jax.train.optimizer",
     "make_schedule": "internlm_jax.train.optimizer",
     "lm_loss": "internlm_jax.train.step",
+    "head_ce_sums": "internlm_jax.train.losses",
+    "head_token_ce": "internlm_jax.train.losses",
     "make_step_fns": "internlm_jax.train.step",
     "Checkpointer": "internlm_jax.train.checkpointing",
     "train": "internlm_jax.train.loop",
@@ -24,7 +26,7 @@ _EXPORTS = {
     "SyntheticBatches": "internlm_jax.train.synthetic",
 }
 __all__ = ["Checkpointer", "ModelSpec", "OptimizerConfig", "SyntheticBatches", "TrainConfig", "TrainHooks",
-           "TrainResult", "build_optimizer", "lm_loss", "make_schedule", "make_step_fns", "train",
+           "TrainResult", "build_optimizer", "head_ce_sums", "head_token_ce", "lm_loss", "make_schedule", "make_step_fns", "train",
            "train_flops_per_token"]
 
 

@@ -28,43 +28,23 @@ from jaxtyping import Array, Float
 
 from internlm_jax.config import ConfigError, ModelConfig
 from internlm_jax.data.sft import Unit, build_rows, pack_best_fit, unit_positions
-from internlm_jax.layers import linear
 from internlm_jax.model import forward
-from internlm_jax.sharding import constrain
-from internlm_jax.train.step import Batch, LossFn, token_cross_entropy
+from internlm_jax.train.losses import output_token_ce
+from internlm_jax.train.step import Batch, LossFn
 
 REFERENCE_FILE = "dpo_reference.npz"
 DPO_KEYS = ("pair_index", "pair_sign")
 
 
-def token_logps(params: Any, batch: Batch, config: ModelConfig, chunk: int = 0) -> Float[Array, "B T"]:
-    """log p(target) at every position (fp32); chunk > 0 runs the output head `chunk` positions at a time
-    (rematerialised) so only [B, chunk, V] logits exist at once."""
-    T = batch["tokens"].shape[1]
-    if chunk <= 0 or chunk >= T:
-        logits, _ = forward(params, batch["tokens"], batch["positions"], config=config,
-                            segment_ids=batch["segment_ids"])
-        ce, _ = token_cross_entropy(logits, batch["targets"])
-        return -ce
-    if T % chunk:
-        raise ConfigError(f"loss_chunk {chunk} must divide the row length {T}")
+def token_logps(params: Any, batch: Batch, config: ModelConfig, chunk: int = 0, fused: bool = True
+                ) -> Float[Array, "B T"]:
+    """log p(target) at every position (fp32), through the fused output head (`train.losses`): only
+    [B, chunk, V] logits exist at once (chunk 0 = auto)."""
     hidden, _ = forward(params, batch["tokens"], batch["positions"], config=config,
                         segment_ids=batch["segment_ids"], return_hidden=True)
-    B, D = hidden.shape[0], hidden.shape[-1]
-    n = T // chunk
-    h = hidden.reshape(B, n, chunk, D).swapaxes(0, 1)  # [n, B, c, D]
-    tg = batch["targets"].reshape(B, n, chunk).swapaxes(0, 1)
-    dtype = jnp.dtype(config.dtype)
-
-    @jax.checkpoint
-    def piece(_, xs):
-        hc, tc = xs
-        logits = constrain(linear(hc, params["output"], "D", "V", dtype).astype(jnp.float32),
-                           ("batch", "length", "act_vocab"))
-        return None, -token_cross_entropy(logits, tc)[0]
-
-    _, lp = jax.lax.scan(piece, None, (h, tg))
-    return lp.swapaxes(0, 1).reshape(B, T)
+    ce, _ = output_token_ce(hidden, params["output"], batch["targets"], chunk=chunk,
+                            dtype=jnp.dtype(config.dtype), fused=fused)
+    return -ce
 
 
 def reference_params(params: Any) -> Any:

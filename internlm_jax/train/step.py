@@ -20,12 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxtyping import Array, Float, Int
 
 from internlm_jax.config import ModelConfig
-from internlm_jax.layers import linear
 from internlm_jax.model import forward
 from internlm_jax.sharding import constrain, named_sharding, tree_shardings, use_mesh
+from internlm_jax.train.losses import output_ce_sums, token_cross_entropy  # noqa: F401 (re-exported)
 from internlm_jax.train.optimizer import merge_trainable, trainable_view
 
 Batch = dict[str, jax.Array]  # tokens, targets, positions, segment_ids, loss_mask: each [B, T]
@@ -34,62 +33,25 @@ LossFn = Callable[[Any, Batch, ModelConfig], tuple[jax.Array, jax.Array, dict[st
 BATCH_KEYS = ("tokens", "targets", "positions", "segment_ids", "loss_mask")
 
 
-def token_cross_entropy(logits: Float[Array, "B T V"], targets: Int[Array, "B T"]
-                        ) -> tuple[Float[Array, "B T"], Float[Array, "B T"]]:
-    """Per-token cross-entropy and logsumexp, in fp32.
-
-    ce = logsumexp(logits) - logits[target]: only [B, T] results are kept, so no log-softmax copy of the
-    [B, T, V] logits is materialised next to them (the backward pass forms softmax - onehot once).
-    """
-    logits = logits.astype(jnp.float32)
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    safe = jnp.clip(targets, 0, logits.shape[-1] - 1).astype(jnp.int32)  # padding targets are -1 (masked)
-    target_logit = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
-    return lse - target_logit, lse
-
-
-def lm_loss(params: Any, batch: Batch, config: ModelConfig, *, z_loss: float = 0.0, chunk: int = 0
-            ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+def lm_loss(params: Any, batch: Batch, config: ModelConfig, *, z_loss: float = 0.0, chunk: int = 0,
+            fused: bool = True) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
     """Next-token loss summed over `loss_mask` (+ z_loss * sum lse^2), the mask count, and aux sums.
 
-    chunk > 0: run the output head and loss over `chunk` positions at a time inside a rematerialised scan, so
-    only [B, chunk, V] logits exist at once (forward and backward) instead of [B, T, V].
+    The output head and the loss run fused (`train.losses.output_ce_sums`): logits exist only `chunk`
+    positions at a time (0 = auto, <= 32 MiB of fp32 logits; any chunk, dividing T or not) and the head's
+    gradients are formed in the same pass. fused=False (or an int4 / dropout-LoRA head) takes the generic
+    path through layers.linear (chunk 0 there = full [B, T, V] logits).
     """
     mask = batch["loss_mask"].astype(jnp.float32)
-    T = batch["tokens"].shape[1]
-    if chunk <= 0 or chunk >= T:
-        logits, _ = forward(params, batch["tokens"], batch["positions"], config=config,
-                            segment_ids=batch["segment_ids"])
-        ce, lse = token_cross_entropy(logits, batch["targets"])
-        ce_sum, z_sum = jnp.sum(ce * mask), jnp.sum(lse * lse * mask)
-    else:
-        if T % chunk:
-            raise ValueError(f"loss_chunk {chunk} must divide the row length {T}")
-        hidden, _ = forward(params, batch["tokens"], batch["positions"], config=config,
-                            segment_ids=batch["segment_ids"], return_hidden=True)
-        B, D = hidden.shape[0], hidden.shape[-1]
-        n = T // chunk
-        h = hidden.reshape(B, n, chunk, D).swapaxes(0, 1)  # [n, B, c, D]
-        tg = batch["targets"].reshape(B, n, chunk).swapaxes(0, 1)
-        mk = mask.reshape(B, n, chunk).swapaxes(0, 1)
-        dtype = jnp.dtype(config.dtype)
-
-        @jax.checkpoint
-        def piece(carry, xs):
-            hc, tc, mc = xs
-            logits = linear(hc, params["output"], "D", "V", dtype).astype(jnp.float32)
-            logits = constrain(logits, ("batch", "length", "act_vocab"))
-            ce, lse = token_cross_entropy(logits, tc)
-            return (carry[0] + jnp.sum(ce * mc), carry[1] + jnp.sum(lse * lse * mc)), None
-
-        (ce_sum, z_sum), _ = jax.lax.scan(piece, (jnp.float32(0), jnp.float32(0)), (h, tg, mk))
-    count = jnp.sum(mask)
-    numer = ce_sum + z_loss * z_sum if z_loss else ce_sum
-    return numer, count, {"ce_sum": ce_sum, "z_sum": z_sum}
+    hidden, _ = forward(params, batch["tokens"], batch["positions"], config=config,
+                        segment_ids=batch["segment_ids"], return_hidden=True)
+    numer, ce_sum, z_sum = output_ce_sums(hidden, params["output"], batch["targets"], mask, z_loss=z_loss,
+                                          chunk=chunk, dtype=jnp.dtype(config.dtype), fused=fused)
+    return numer, jnp.sum(mask), {"ce_sum": ce_sum, "z_sum": z_sum}
 
 
-def default_loss_fn(z_loss: float = 0.0, chunk: int = 0) -> LossFn:
-    return lambda params, batch, config: lm_loss(params, batch, config, z_loss=z_loss, chunk=chunk)
+def default_loss_fn(z_loss: float = 0.0, chunk: int = 0, fused: bool = True) -> LossFn:
+    return lambda params, batch, config: lm_loss(params, batch, config, z_loss=z_loss, chunk=chunk, fused=fused)
 
 
 # ---- shardings -----------------------------------------------------------------------------------------

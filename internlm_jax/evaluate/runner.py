@@ -188,9 +188,11 @@ def run_eval(config: EvalConfig, *, models: Mapping[str, EvalModel] | None = Non
              on_error: Callable[[str, str, Exception], None] | None = None) -> dict[str, Any]:
     """Evaluate every model on every task; write predictions, results and the summary into work_dir.
 
-    A task that fails for a model (ConfigError/ValueError/RuntimeError) does not stop the run: its message is
-    kept in results["tasks"][task]["errors"][model] (and passed to `on_error(model, task, exc)`), the summary
-    shows `error` there, and the other tasks are evaluated. A model that cannot be built fails the run.
+    A task that cannot be run on a model (ConfigError/ValueError: e.g. CLP choices that share every token) does
+    not stop the run: its message is kept in results["tasks"][task]["errors"][model] (and passed to
+    `on_error(model, task, exc)`), the summary shows `error` there, and the other tasks are evaluated. A crash
+    (any other exception) stops the run, which resumes from its prediction cache; so does a model that cannot be
+    built.
 
     `models` may supply ready EvalModel objects by name (tests, notebooks); others are built from the spec.
     Returns the results dict also written to {work_dir}/results.json.
@@ -221,7 +223,7 @@ def run_eval(config: EvalConfig, *, models: Mapping[str, EvalModel] | None = Non
                 run = evaluate_task(t, get_model, config.work_dir, spec.name, save_every=config.save_every,
                                     progress=progress)
                 scores, details = score_task(t, run.records)
-            except (ConfigError, ValueError, RuntimeError) as e:
+            except (ConfigError, ValueError) as e:  # the task cannot be run on this model; a crash propagates
                 if holder.get("build_failed"):
                     raise  # the model itself could not be built: every task would fail the same way
                 # One task's failure (a format this model's tokenizer cannot score, a bad data file) is

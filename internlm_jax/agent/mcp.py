@@ -36,7 +36,7 @@ from collections.abc import Iterable, Sequence
 from contextlib import AsyncExitStack
 from typing import Any, Self
 
-from internlm_jax.agent.tools import Tool, Toolkit, ToolResult, _merge
+from internlm_jax.agent.tools import Tool, Toolkit, ToolResult, _is_json, _merge
 
 ERROR_TYPE_META = "internlm-jax/error_type"
 DEFAULT_PATH = "/mcp"
@@ -458,14 +458,6 @@ def _is_closed(e: BaseException) -> bool:
 
     return isinstance(e, (anyio.ClosedResourceError, anyio.BrokenResourceError, anyio.EndOfStream,
                           ConnectionError, EOFError, BrokenPipeError))
-
-
-def _is_json(value: Any) -> bool:
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 _UNDERSTOOD = {"type", "properties", "required", "additionalProperties", "items", "enum", "anyOf", "description",

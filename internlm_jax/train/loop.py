@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from internlm_jax.config import ConfigError, ModelConfig
+from internlm_jax.data.byte_tokenizer import load_tokenizer
 from internlm_jax.model import init_params, param_axes
 from internlm_jax.runconfig import dump_yaml, to_dict
 from internlm_jax.sharding import make_mesh
@@ -104,23 +105,6 @@ class TrainResult:
 
 
 # ---- data ------------------------------------------------------------------------------------------------
-def load_tokenizer(spec: str) -> Any:
-    """`byte` is the byte-level tokenizer (vocab 259, no files); anything else is a tokenizer folder."""
-    if not spec:
-        raise ConfigError("data.tokenizer is empty: set it to a tokenizer folder (e.g. the InternLM2 HF checkpoint "
-                          "folder) or to `byte` for the byte-level tokenizer")
-    if spec == "byte":
-        from internlm_jax.data.byte_tokenizer import ByteTokenizer
-
-        return ByteTokenizer()
-    from internlm_jax.tokenizer import Tokenizer
-
-    if not os.path.isdir(spec):
-        raise ConfigError(f"data.tokenizer {spec!r} is not a folder; give a tokenizer folder (tokenizer.model + "
-                          "tokenizer_config.json, e.g. an InternLM2 HF checkpoint) or `byte`")
-    return Tokenizer.from_dir(spec, require_chat_tokens=False)
-
-
 def ensure_synthetic_data(cfg: TrainConfig, data_cfg: Any) -> None:
     """With `generate_data: true`, write the synthetic corpus where a source path does not exist yet."""
     from internlm_jax.data.corpus import write_synthetic_corpus

@@ -13,22 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from internlm_jax.config import ConfigError
+from internlm_jax.data.byte_tokenizer import load_tokenizer
 
 TOKEN_DTYPE = np.dtype("<i4")  # what one record of a shard holds: the document's ids, little-endian int32
-
-
-def load_tokenizer(spec: str) -> Any:
-    if spec == "byte":
-        from internlm_jax.data.byte_tokenizer import ByteTokenizer
-
-        return ByteTokenizer()
-    if not os.path.isdir(spec):
-        raise ConfigError(f"tokenizer {spec!r} is not a folder; give a tokenizer folder (tokenizer.model + "
-                          "tokenizer_config.json, e.g. an InternLM2 HF checkpoint) or `byte`")
-    from internlm_jax.tokenizer import Tokenizer
-
-    return Tokenizer.from_dir(spec, require_chat_tokens=False)
 
 
 def tokenizer_fingerprint(spec: str) -> dict[str, Any]:

@@ -247,3 +247,28 @@ def test_engine_generator_matches_lm_generate(tok_dir, lm, tmp_path):
     raw = {m: [json.loads(x)["raw"] for x in (tmp_path / "predictions" / m / "gsm8k_sample.jsonl")
                .read_text().splitlines()] for m in ("eng", "lm")}
     assert len(raw["lm"]) == 8 and raw["eng"] == raw["lm"]
+
+
+def test_cli_exit_code_says_a_task_failed_after_scoring_the_others(tmp_path, monkeypatch, capsys, tok_dir):
+    """One task that cannot run on the model is recorded as an error, the others are scored and written, and
+    the command's exit code is 1 so scripts notice."""
+    from internlm_jax.evaluate import runner
+
+    real = runner.score_task
+
+    def score_task(task, records):
+        if task.name == "ceval_sample":
+            raise ValueError("this task cannot run on this model")
+        return real(task, records)
+
+    monkeypatch.setattr(runner, "score_task", score_task)
+    cfg = tmp_path / "eval.yaml"
+    cfg.write_text(f"work_dir: {tmp_path / 'w'}\nmodels:\n  - name: m\n    preset: internlm2-tiny\n"
+                   f"    tokenizer: {tok_dir}\ntasks: [mmlu_sample, ceval_sample]\n")
+    assert eval_main([str(cfg), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "1 task(s) failed: ceval_sample (m)" in err
+    import json
+
+    results = json.loads((tmp_path / "w" / "results.json").read_text())
+    assert results["tasks"]["mmlu_sample"]["metrics"] and "m" in results["tasks"]["ceval_sample"]["errors"]

@@ -57,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
         print(to_text(*summary_rows(results)))
         print(f"results: {os.path.join(cfg.work_dir, 'results.json')}; summary: "
               f"{os.path.join(cfg.work_dir, 'summary.md')}")
+        failed = [f"{task} ({', '.join(sorted(entry['errors']))})" for task, entry in results["tasks"].items()
+                  if entry.get("errors")]
+        if failed:  # the others were scored and written; say so in the exit code for scripts
+            print(f"internlm-jax eval: {len(failed)} task(s) failed: {'; '.join(failed)} (see results.json)",
+                  file=sys.stderr)
+            return 1
         return 0
     except ConfigError as e:
         print(f"internlm-jax eval: {e}", file=sys.stderr)

@@ -91,6 +91,7 @@ def test_langchain_tool_from_ours():
     assert lc.invoke({"value": 1, "unit": "mi"}) == '{"value": 1.61}'
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_langchain_agent_against_our_server(server):
     """langchain's create_agent + ChatOpenAI pointed at our server; the first reply (the call) and the second
     (the answer) are FORCED, see the module docstring."""

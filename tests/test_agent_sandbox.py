@@ -196,6 +196,7 @@ def test_wall_limit_interrupts_a_sleeping_cell(sb):
     assert sb.run("1 + 1").result == "2"      # and no stale interrupt hits the next cell
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_killed_session_restarts(sb):
     pid = sb.pid
     r = sb.run("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"

@@ -20,6 +20,7 @@ def _greedy_uncached(lm, prompt, n):
     return seq[len(prompt):]
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_batched_generate_matches_uncached_greedy(lm):
     prompts = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 40, 41], [1, 300]]
     out = lm.generate(prompts, 12, stop_token_ids=[], return_details=True)

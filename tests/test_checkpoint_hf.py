@@ -309,6 +309,7 @@ def test_parse_size():
     # so a loader that copies a stack per layer (no donation) or builds leaves on the host fails here.
     ["--vocab", "4096", "--hidden", "512", "--layers", "32"],
 ], ids=["big_vocab", "many_layers"])
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_loading_peak_memory_stays_near_one_tensor(tmp_path, shape):
     """Peak RSS of a fresh process loading a random checkpoint, minus its baseline and minus the loaded params
     (on CPU they live in host memory), stays within 2x the largest tensor + 64 MiB."""

@@ -40,6 +40,7 @@ def _prompts(seed, n):
     return [[int(t) for t in rng.integers(3, CFG.vocab_size, int(rng.integers(2, 40)))] for _ in range(n)]
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_async_streams_concurrent_requests_and_abort(engine, params):
     prompts = _prompts(0, 6)
     sp = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)

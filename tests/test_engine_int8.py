@@ -44,6 +44,7 @@ def test_quantize_roundtrip_error_is_half_a_step():
     assert bool(jnp.all(gather_pages(q0, s0, jnp.arange(3, dtype=jnp.int32)[:, None], jnp.float32) == 0))
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_int8_cache_logit_error_and_teacher_forced_agreement(params, record_property):
     """Prefill 24 tokens then decode 24 one at a time through the paged path, int8 vs float pool."""
     toks = jax.random.randint(jax.random.key(2), (4, 48), 3, CFG.vocab_size)

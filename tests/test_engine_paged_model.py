@@ -19,6 +19,7 @@ def params():
     return jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_chunked_paged_forward_equals_uncached_with_nan_filled_pool(params):
     """Two rows of different lengths on scattered pages; every slot not written by them is NaN."""
     step = jax.jit(lambda p, t, pos, c: forward(p, t, pos, config=CFG, cache=c))

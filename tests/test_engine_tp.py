@@ -22,6 +22,7 @@ def params():
     return jax.jit(init_params, static_argnums=0)(CFG, jax.random.key(0))
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 @pytest.mark.parametrize("tp", [2, 4])
 def test_tensor_parallel_equals_one_device(params, tp):
     if len(jax.devices()) < tp:
@@ -47,6 +48,7 @@ def test_tensor_parallel_equals_one_device(params, tp):
     assert eng.stats()["compilations"] == 0 and eng.stats()["pages_used"] == 0
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_tp2_pallas_paged_kernel_reads_its_own_heads(params):
     """The paged kernel (interpret mode here) under tensor parallelism runs per shard: the compiled step gathers
     no attention data across devices (each device attends over its own kv heads of the pool; the only

@@ -46,6 +46,7 @@ def _config(work_dir, tasks=("mmlu_sample", "ceval_sample"), **kw):
                       tasks=tasks, save_every=2, **kw)
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_resume_after_interruption_computes_only_the_rest(lm, tmp_path):
     cfg = _config(tmp_path / "run")
     first = Flaky(lm, fail_after=3)  # mmlu_sample: 8 items in chunks of 2; the 4th chunk raises
@@ -102,6 +103,7 @@ def test_summary_table_marks_missing_with_dash():
                     ["needle_in_a_haystack", "abc123", "score", "gen", "-", "50.00"]]
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_needle_context_and_outputs(lm, tmp_path):
     hay, needle = list(range(100, 130)), [7, 8, 9]
     for depth in (0, 10, 50, 100):

@@ -11,6 +11,7 @@ from kernel_cases import _check, _inputs, _segments
 from kernels_pallas.flash_attention import BlockSizes, flash_attention, flash_attention_reference
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_causal_gqa_segments_forward_and_grads():
     T = 150  # two key blocks of 128 and five query blocks of 32, the last ones partial
     _check("tpu", B=2, T=T, S=T, K=2, G=4, H=32, segment_ids=_segments(2, T))

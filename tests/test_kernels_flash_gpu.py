@@ -9,6 +9,7 @@ import pytest
 from kernel_cases import _check, _segments
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_causal_gqa_segments_forward_and_grads():
     _check("gpu", B=2, T=45, S=45, K=2, G=4, H=32, segment_ids=_segments(2, 45))
 

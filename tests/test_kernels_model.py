@@ -3,6 +3,7 @@ as attention_impl="reference" on internlm2-tiny, for packed sequences (segment i
 
 from __future__ import annotations
 
+import pytest
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,6 +37,7 @@ def _loss_and_grads(config, params, tokens, positions, segments):
     return val, logits, grads
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_pallas_attention_matches_reference_logits_and_grads(monkeypatch):
     from internlm_jax import kernels
 
@@ -58,6 +60,7 @@ def test_pallas_attention_matches_reference_logits_and_grads(monkeypatch):
     assert calls, "attention_impl='pallas' did not reach the flash kernel"
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_dispatch_runs_per_shard_under_a_mesh():
     """Under sharding.use_mesh the kernels run per shard (batch over data, kv heads over tensor), with the
     same result as without a mesh."""

@@ -80,6 +80,7 @@ def test_bfloat16_decode_gpu_and_tpu():
     _check(case, "gpu", jnp.bfloat16, pages_per_block=2, num_splits=2)
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 @pytest.mark.parametrize("backend", ["tpu", "gpu"])
 def test_stacked_pool_reads_the_given_layer_in_place(backend):
     """layer=... indexes a [L, P, ...] stack (traced index); the other layer is NaN, so reading it fails."""

@@ -19,6 +19,7 @@ def _gpu_check():
     return mod
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_gpu_check_smoke_checks_and_benchmarks(capsys):
     assert _gpu_check().main(["--smoke"]) == 0
     out = capsys.readouterr().out

@@ -64,6 +64,7 @@ def test_generate_matches_the_official_decode_rule(ntk):
         assert g.token_ids == want[n][: len(g.token_ids)] and len(g.token_ids) >= 1, f"length {n}"
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_engine_chunked_prefix_hits_and_preemption(ntk):
     lm, ref = ntk
     prompts = _prompts()
@@ -102,6 +103,7 @@ def test_eval_scoring_matches(ntk):
         assert abs(res.logprob - want) < 1e-4
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_server_scoring_and_generation_match(ntk):
     import httpx
 
@@ -127,6 +129,7 @@ def test_server_scoring_and_generation_match(ntk):
     np.testing.assert_allclose(lps[len(p):], gen_lps, atol=2e-4)
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_same_seed_same_tokens_on_every_path(tmp_path):
     """One sampler: a seeded, sampled request gives the same tokens from lm.generate, the engine and the
     server."""

@@ -134,6 +134,7 @@ def test_peft_tensors_follow_the_hf_layout(base, tmp_path):
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-6, err_msg=name)
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_qlora_int4_base_and_gradients(base):
     q = quantize_params(base, CFG, group_size=32)
     qlora = apply_lora(q, CFG, rank=8, alpha=16, key=jax.random.key(7))

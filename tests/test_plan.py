@@ -24,6 +24,7 @@ def _plan(*args, timeout=900):
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 @pytest.mark.skipif(not _has_libtpu(), reason="libtpu not installed: pip install -e .[tpu] to AOT-compile for TPU")
 def test_plan_tiny_on_v5e_2x2_reports_memory_and_collectives():
     res = _plan("--config", "configs/pretrain/tiny.yaml", "--topology", "v5e:2x2", "mesh.data=2", "mesh.fsdp=2")
@@ -37,6 +38,7 @@ def test_plan_tiny_on_v5e_2x2_reports_memory_and_collectives():
         assert key in rec
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 @pytest.mark.skipif(not _has_libtpu(), reason="libtpu not installed: pip install -e .[tpu] to AOT-compile for TPU")
 def test_plan_bad_topology_and_mesh_are_clear_errors():
     res = _plan("--config", "configs/pretrain/tiny.yaml", "--topology", "v5e:3x7x9x1")

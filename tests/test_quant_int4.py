@@ -135,6 +135,7 @@ def test_pallas_kernel_path_matches_reference():
                                rtol=1e-5, atol=1e-3)
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_quantized_params_shard_over_a_mesh(trained):
     from internlm_jax.sharding import MeshConfig, make_mesh, tree_shardings, use_mesh
 
@@ -149,6 +150,7 @@ def test_quantized_params_shard_over_a_mesh(trained):
     np.testing.assert_allclose(np.asarray(got), np.asarray(_logits(q, x)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_rtn_accuracy_on_trained_tiny_model(trained):
     params = trained["params"]
     q = quantize_params(params, CFG, group_size=GROUP)
@@ -203,6 +205,7 @@ def test_fold_scales_is_exact_in_full_precision(trained):
     np.testing.assert_allclose(np.asarray(_logits(folded, x)), np.asarray(_logits(params, x)), atol=1e-5)
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_awq_model_quantization(trained, tmp_path):
     params = trained["params"]
     targets = ("wqkv", "wo", "w1", "w2", "w3", "output")

@@ -3,6 +3,7 @@ the saved folder loads back and scores identically; `internlm-jax reward score` 
 
 from __future__ import annotations
 
+import pytest
 import json
 import os
 
@@ -18,6 +19,7 @@ from internlm_jax.train.rl_config import RewardTrainConfig
 DEV = jax.devices()[:1]
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_reward_model_learns_shipped_pairs_and_round_trips(tmp_path):
     cfg = load_config(RewardTrainConfig, None, [
         "model.overrides={dtype: float32, remat: none}", "steps=40", "progress=false", "optimizer.lr=5e-3",

@@ -84,6 +84,7 @@ def _cfg(tmp_path, *extra):
         "progress=false", "rollout.prompts_per_step=4", "rollout.n=4", "rollout.max_tokens=8", *extra])
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_sync_engine_logprobs_equal_trainer_forward(tmp_path):
     """After an update and a sync, the engine's greedy log-probs of its own sequence equal the trainer's forward of
     that sequence to 1e-5, and the engine holds the train state's buffers (no copy)."""
@@ -106,6 +107,7 @@ def test_sync_engine_logprobs_equal_trainer_forward(tmp_path):
         tr.engine.shutdown()
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_ppo_and_lora_runs(tmp_path):
     """PPO with a value head (GAE, two epochs x two minibatches) on a LoRA policy: finite metrics, the value loss
     is reported, adapters are saved, and the reference (base without adapters) gives a non-negative KL."""

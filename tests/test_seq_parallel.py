@@ -32,6 +32,7 @@ def test_zigzag_balances_causal_work():
     assert sorted(order.ravel().tolist()) == list(range(64))
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (simulated) devices")
 def test_sequence_parallel_equals_single_device():
     rng = np.random.default_rng(0)
@@ -82,6 +83,7 @@ def test_model_forward_with_sequence_axis_equals_one_device():
     np.testing.assert_allclose(np.asarray(got)[:, np.argsort(perm)], np.asarray(want), atol=1e-5)
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_sequence_parallel_prefill_into_pages_equals_one_device():
     """A long prompt prefilled with its tokens sharded over 8 devices (sequence axis; attention all-gathers
     K/V inside the block) into an empty paged cache gives the one-device logits, and the greedy tokens decoded

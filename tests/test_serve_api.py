@@ -253,6 +253,7 @@ def test_bodies_are_parsed_and_tokenized_off_the_event_loop(env, monkeypatch):
     assert seen and "uvicorn" not in seen, seen
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_scoring_compiles_after_warmup_are_counted(env):
     """The prompt-logprob forward is warmed for every length bucket; a shape compiled on the request path after
     that counts in the server's compilations (what /metrics exports as compilations_since_warmup)."""

@@ -103,6 +103,7 @@ def test_chat_cli_shows_tool_calls(server, tmp_path, monkeypatch, capsys):
     assert "<|" not in out
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_chat_cli_in_process(tok_dir, server, monkeypatch, capsys):
     """In-process (engine stepped on the caller's thread) gives the same greedy reply as the server."""
     out = _run_chat(monkeypatch, capsys, ["--model", "internlm2-tiny", "--tokenizer", tok_dir, *SMALL_ENGINE,

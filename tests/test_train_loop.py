@@ -34,6 +34,7 @@ def _cfg(tmp_path, *overrides: str) -> TrainConfig:
     return load_config(TrainConfig, None, base + list(overrides))
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_loop_outputs_eval_and_resume_on_another_mesh(tmp_path):
     hooks = _synthetic_hooks()
     hooks.eval_source = hooks.batch_source
@@ -64,6 +65,7 @@ def test_loop_outputs_eval_and_resume_on_another_mesh(tmp_path):
     assert abs(res2.history[0]["loss"] - recs[-1]["loss"]) < 0.5  # continues, not a fresh init (~6.93)
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_init_from_a_run_and_from_another_model(tmp_path):
     from internlm_jax.train.step import lm_loss
 
@@ -132,6 +134,7 @@ def test_tiny_config_learns_below_unigram_entropy(tmp_path):
     assert final < 0.5 * h
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_ctrl_c_saves_the_last_step_and_the_rerun_resumes_there(tmp_path):
     """KeyboardInterrupt inside the loop: the last completed step is checkpointed synchronously, one line says
     where a rerun resumes, and the rerun continues from that step (not from the last periodic checkpoint)."""

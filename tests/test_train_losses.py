@@ -145,6 +145,7 @@ def test_no_full_logits_in_forward_or_backward():
     assert _max_intermediate(jax.make_jaxpr(ref)(h, w).jaxpr) >= Bb * Tb * Vb
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_lora_head_is_merged_and_int4_or_dropout_fall_back():
     from internlm_jax.peft import LoraWeight
     from internlm_jax.quant.int4 import quantize_weight
@@ -182,6 +183,7 @@ def _batch(rows=4, seq=32):
     return {k: jnp.asarray(v) for k, v in next(SyntheticBatches(CFG.vocab_size, seq, rows, seed=5)).items()}
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 @pytest.mark.parametrize("chunk", [0, 7])
 def test_lm_loss_fused_equals_unfused(chunk):
     params = init_params(CFG, jax.random.key(1))
@@ -201,6 +203,7 @@ def test_lm_loss_fused_equals_unfused(chunk):
         _close(b, a, 2e-5, jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_train_step_losses_and_updates_equal_before_and_after_fusion():
     tx = optax.sgd(1.0)  # params move by exactly minus the gradient
     mesh = make_mesh(MeshConfig(), jax.devices()[:1])
@@ -226,6 +229,7 @@ def test_train_step_losses_and_updates_equal_before_and_after_fusion():
                                    err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_dpo_token_logps_fused_equals_generic():
     from internlm_jax.train.dpo import token_logps
 

@@ -62,6 +62,7 @@ def runs():
     return one, eight
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_eight_devices_match_one(runs):
     (s1, l1, _), (s8, l8, _) = runs
     print("losses 1 device :", l1)

@@ -45,6 +45,7 @@ def big_batch_step():
     return tx, batch, state0, s1, m1
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_grad_accumulation_equals_big_batch(big_batch_step):
     k = 4
     tx, batch, state0, s1, m1 = big_batch_step
@@ -66,6 +67,7 @@ def test_micro_batches_differ_so_accumulation_is_not_trivial():
     assert not np.array_equal(batch["tokens"][0::2], batch["tokens"][1::2])
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_chunked_loss_matches_full():
     params = init_params(CFG, jax.random.key(1))
     batch = {k: jnp.asarray(v) for k, v in _batch(rows=2, seq=32).items()}
@@ -110,6 +112,7 @@ def test_frozen_leaves_get_no_state_and_do_not_move():
     assert sorted(mu_paths) == ["['layers']['attention_norm']", "['layers']['ffn_norm']", "['norm']"]
 
 
+@pytest.mark.slow  # over ~3.5 s: kept out of the quick loop (-m 'not slow')
 def test_bf16_compute_keeps_fp32_master_weights_and_state(big_batch_step):
     _, batch, _, _, m_fp32 = big_batch_step
     tx, _ = build_optimizer(OptimizerConfig(lr=1e-5, mu_dtype="float32"), 10)

@@ -18,7 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
+from jaxtyping import Array, Int
 
 from internlm_jax.config import ConfigError, ModelConfig
 from internlm_jax.kv_cache import PagedCache, init_paged_cache

@@ -4,7 +4,6 @@ chunk and equals the dense uncached forward; the chunked scorer's memory does no
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -17,7 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Literal
 
 from internlm_jax.config import ConfigError
 from internlm_jax.sharding import MeshConfig
